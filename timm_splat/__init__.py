@@ -1,0 +1,12 @@
+"""timm-splat: vision(-language) models that read 2D Gaussian splats instead of pixels."""
+from .ops import render_splats
+from .splats import (
+    compression_ratio,
+    from_fp16_bytes,
+    luminance,
+    splat_count,
+    splat_mask,
+    to_fp16_bytes,
+)
+
+__version__ = "0.1.0"

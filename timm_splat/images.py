@@ -1,0 +1,123 @@
+"""Turn whatever a user holds into float RGB tensors ``[3, H, W]`` in [0, 1].
+
+Accepted: PIL images of any mode, numpy arrays (HW or HWC; uint8, uint16, bool or float), torch
+tensors (``[3, H, W]`` / ``[B, 3, H, W]``, uint8 or float; 1 or 4 channels are made RGB too),
+and lists of those. Anything else raises a ValueError saying what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+try:
+    from PIL import Image
+except ImportError:  # pillow is a dependency; keep the module importable regardless
+    Image = None
+
+
+def _from_pil(image) -> torch.Tensor:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # High bit-depth greyscale: Image.convert("RGB") would clip it to 8 bits.
+        array = np.asarray(image).astype(np.float32)
+        if mode == "F":
+            peak = 1.0 if array.size == 0 or array.max() <= 1.0 else 255.0
+        else:
+            peak = 255.0 if array.size and array.max() <= 255 else 65535.0
+        return _from_numpy(array / peak)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA").convert("RGB")  # drop alpha, the way timm's loaders do
+    elif mode != "RGB":
+        try:
+            image = image.convert("RGB")
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {exc}") from exc
+    return _from_numpy(np.asarray(image))
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == np.uint8:
+        data = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        data = array.astype(np.float32) / 65535.0
+    elif array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
+        data = array.astype(np.float32)
+    else:
+        raise ValueError(
+            f"numpy images must be uint8, uint16, bool or float, got {array.dtype}"
+        )
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise ValueError(f"numpy images must be HxW or HxWxC, got shape {array.shape}")
+    return _to_rgb(torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1), array.shape)
+
+
+def _to_rgb(chw: torch.Tensor, shape) -> torch.Tensor:
+    channels = chw.shape[0]
+    if channels == 1:
+        chw = chw.expand(3, -1, -1)
+    elif channels == 4:
+        chw = chw[:3]
+    elif channels != 3:
+        raise ValueError(
+            f"images need 1, 3 or 4 channels (grey, RGB, RGBA), got {channels} in shape "
+            f"{tuple(shape)}"
+        )
+    return chw
+
+
+def _from_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
+    if tensor.dim() == 3:
+        tensors = [tensor]
+    elif tensor.dim() == 4:
+        tensors = list(tensor.unbind(0))
+    elif tensor.dim() == 2:
+        tensors = [tensor.unsqueeze(0)]
+    else:
+        raise ValueError(f"image tensors must be [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}")
+    out = []
+    for chw in tensors:
+        if chw.dtype == torch.uint8:
+            chw = chw.float() / 255.0
+        elif chw.dtype == torch.bool or chw.is_floating_point():
+            chw = chw.float()
+        else:
+            raise ValueError(f"image tensors must be uint8 or float, got {chw.dtype}")
+        out.append(_to_rgb(chw, tensor.shape))
+    return out
+
+
+def to_rgb_tensors(images: Any) -> list[torch.Tensor]:
+    """Normalise ``images`` to a non-empty list of float32 ``[3, H, W]`` tensors."""
+    if isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    if not items:
+        raise ValueError("no images given: expected at least one image")
+    out: list[torch.Tensor] = []
+    for index, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            converted = _from_tensor(item)
+        elif isinstance(item, np.ndarray):
+            converted = [_from_numpy(item)]
+        elif Image is not None and isinstance(item, Image.Image):
+            converted = [_from_pil(item)]
+        else:
+            raise ValueError(
+                f"image {index}: expected a PIL image, numpy array or torch tensor, "
+                f"got {type(item).__name__}"
+            )
+        for chw in converted:
+            if chw.shape[-1] == 0 or chw.shape[-2] == 0:
+                raise ValueError(f"image {index} is empty: shape {tuple(chw.shape)}")
+            if not bool(torch.isfinite(chw).all()):
+                raise ValueError(f"image {index} contains NaN or infinite values")
+            out.append(chw.contiguous())
+    if not out:
+        raise ValueError("no images given: the batch is empty")
+    return out

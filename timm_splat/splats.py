@@ -1,0 +1,102 @@
+"""The Splats tensor: ``[..., N, 8]`` floats, channels ``(x, y, l11, l21, l22, r, g, b)``.
+
+Means are in normalised image coordinates (pixel (row i, col j) of an H x W image has its centre
+at ``((j + 0.5) / W, (i + 0.5) / H)``); the Cholesky factor ``L = [[l11, 0], [l21, l22]]`` of the
+covariance ``L L^T`` is in the same units, so one fit renders at any resolution. A row with
+``l11 <= 0`` is padding ("no splat"); every consumer derives the mask from ``l11 > 0``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SPLAT_CHANNELS = 8
+CHANNEL_NAMES = ("x", "y", "l11", "l21", "l22", "r", "g", "b")
+XY = slice(0, 2)
+CHOLESKY = slice(2, 5)
+COLOR = slice(5, 8)
+BYTES_PER_SPLAT_FP16 = SPLAT_CHANNELS * 2
+
+# BT.709 luma weights, applied to |colour| to score a splat's visual weight (used for pruning).
+LUMINANCE_WEIGHTS = (0.2126, 0.7152, 0.0722)
+
+
+def splat_mask(splats: torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` bool: True for real splats, False for padding rows."""
+    return splats[..., 2] > 0
+
+
+def splat_count(splats: torch.Tensor) -> torch.Tensor:
+    """``[...]`` number of real splats per splat set."""
+    return splat_mask(splats).sum(-1)
+
+
+def luminance(splats: torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` BT.709 luminance of |colour|; the pruning score of the paper."""
+    weights = splats.new_tensor(LUMINANCE_WEIGHTS)
+    return (splats[..., COLOR].abs() * weights).sum(-1)
+
+
+def check_splats(splats: torch.Tensor, name: str = "splats") -> None:
+    """Raise ValueError when ``splats`` is not a valid Splats tensor."""
+    if not isinstance(splats, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor [..., N, 8], got {type(splats).__name__}")
+    if splats.dim() < 2 or splats.shape[-1] != SPLAT_CHANNELS:
+        raise ValueError(
+            f"{name} must have shape [..., N, 8] with channels {CHANNEL_NAMES}, "
+            f"got {tuple(splats.shape)}"
+        )
+    if not splats.is_floating_point():
+        raise ValueError(f"{name} must be a floating point tensor, got {splats.dtype}")
+    if not bool(torch.isfinite(splats).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    real = splat_mask(splats)
+    if bool((real & (splats[..., 4] <= 0)).any()):
+        raise ValueError(
+            f"{name} has splats with l11 > 0 but l22 <= 0; a real splat needs l11 > 0 and l22 > 0 "
+            "(an all-zero row is padding)"
+        )
+
+
+def to_fp16_bytes(splats: torch.Tensor) -> bytes:
+    """Pack splats as little-endian fp16, 16 bytes per splat (the paper's storage format)."""
+    check_splats(splats)
+    array = splats.detach().to("cpu", torch.float16).contiguous().numpy()
+    return array.astype("<f2", copy=False).tobytes()
+
+
+def from_fp16_bytes(data: bytes, num_splats: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`to_fp16_bytes`: ``[N, 8]`` float32 (or ``[B, num_splats, 8]``)."""
+    if len(data) % BYTES_PER_SPLAT_FP16:
+        raise ValueError(
+            f"splat bytes must be a multiple of {BYTES_PER_SPLAT_FP16} (8 fp16 values per splat), "
+            f"got {len(data)} bytes"
+        )
+    splats = torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32))
+    splats = splats.reshape(-1, SPLAT_CHANNELS)
+    if num_splats is not None:
+        if splats.shape[0] % num_splats:
+            raise ValueError(f"{splats.shape[0]} splats do not split into sets of {num_splats}")
+        splats = splats.reshape(-1, num_splats, SPLAT_CHANNELS)
+    return splats
+
+
+def compression_ratio(num_splats, height: int = 224, width: int = 224) -> float:
+    """Raw uint8 RGB bytes over fp16 splat bytes: ``H*W*3 / (N*16)``.
+
+    ``num_splats`` may be an int or a Splats tensor (its real splats are counted, averaged
+    over the batch)."""
+    if isinstance(num_splats, torch.Tensor):
+        num_splats = float(splat_count(num_splats).float().mean())
+    if num_splats <= 0:
+        return float("inf")
+    return height * width * 3 / (num_splats * BYTES_PER_SPLAT_FP16)
+
+
+def pack_real_first(splats: torch.Tensor) -> torch.Tensor:
+    """Move real splats to the front of each set and zero every padding row, keeping order."""
+    real = splat_mask(splats)
+    order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
+    packed = torch.gather(splats, -2, order.unsqueeze(-1).expand_as(splats))
+    return packed * splat_mask(packed).unsqueeze(-1).to(packed.dtype)
