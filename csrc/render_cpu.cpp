@@ -85,13 +85,15 @@ void forward_kernel(const T* splats, T* out, int64_t batch, int64_t n, int heigh
       int x0, x1, y0, y1;
       splat_pixel_bbox(raw, height, width, x0, x1, y0, y1);
       const SplatShape<T> s = splat_shape(raw);
-      x0 = std::max(x0, tx0) - tx0;
-      x1 = std::min(x1, tx0 + tw - 1) - tx0;
+      x0 = std::max(x0, tx0);
+      x1 = std::min(x1, tx0 + tw - 1);
       y0 = std::max(y0, ty0) - ty0;
       y1 = std::min(y1, ty0 + th - 1) - ty0;
       for (int y = y0; y <= y1; ++y) {
         const T py = (T(ty0 + y) + T(0.5)) / T(height);
-        for (int x = x0; x <= x1; ++x) {
+        int sx0, sx1;
+        if (!splat_row_span(raw, py, width, x0, x1, sx0, sx1)) continue;
+        for (int x = sx0 - tx0; x <= sx1 - tx0; ++x) {
           const T px = (T(tx0 + x) + T(0.5)) / T(width);
           T z1, z2;
           const T w = splat_weight(s, px, py, z1, z2);
@@ -128,8 +130,10 @@ void backward_kernel(const T* splats, const T* grad_out, T* grad_splats, int64_t
       for (int y = y0; y <= y1; ++y) {
         const T py = (T(y) + T(0.5)) / T(height);
         const int64_t row = int64_t(y) * width;
+        int sx0, sx1;
+        if (!splat_row_span(raw, py, width, x0, x1, sx0, sx1)) continue;
         SplatGrad<T> row_grad;  // a per-row reduction the compiler can vectorise
-        for (int x = x0; x <= x1; ++x) {
+        for (int x = sx0; x <= sx1; ++x) {
           const T px = (T(x) + T(0.5)) / T(width);
           T z1, z2;
           const T w = splat_weight(s, px, py, z1, z2);

@@ -56,6 +56,26 @@ SPLAT_HD bool splat_pixel_bbox(const T* s, int height, int width, int& x0, int& 
   return x0 <= x1 && y0 <= y1;
 }
 
+// Columns [x0, x1] of the pixel row centred at py that can lie inside the cut-off ellipse,
+// clipped to [bx0, bx1] (the bounding box). On a row the ellipse is an interval of x: solving
+// |L^-1 (p - mu)|^2 = k^2 for x gives centre x + l11 l21 dy / A and half width
+// l11 l22 sqrt(k^2 A - dy^2) / A with A = l21^2 + l22^2. One pixel of slack on each side keeps
+// rounding from dropping a pixel the weight test would keep. Returns false for an empty span.
+template <typename T>
+SPLAT_HD bool splat_row_span(const T* s, T py, int width, int bx0, int bx1, int& x0, int& x1) {
+  const T k = T(kCutoffSigma);
+  const T a = s[3] * s[3] + s[4] * s[4];
+  const T dy = py - s[1];
+  const T q = k * k * a - dy * dy;
+  const T centre = s[0] + s[2] * s[3] * dy / a;
+  const T half = q > T(0) ? s[2] * s[4] * std::sqrt(q) / a : T(0);
+  const T lo = std::ceil((centre - half) * width - T(0.5)) - T(1);
+  const T hi = std::floor((centre + half) * width - T(0.5)) + T(1);
+  x0 = lo > T(bx0) ? int(lo) : bx0;
+  x1 = hi < T(bx1) ? int(hi) : bx1;
+  return x0 <= x1;
+}
+
 SPLAT_HD float splat_exp(float v) {
 #if defined(__CUDA_ARCH__)
   return __expf(v);
