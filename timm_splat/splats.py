@@ -100,3 +100,25 @@ def pack_real_first(splats: torch.Tensor) -> torch.Tensor:
     order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
     packed = torch.gather(splats, -2, order.unsqueeze(-1).expand_as(splats))
     return packed * splat_mask(packed).unsqueeze(-1).to(packed.dtype)
+
+
+def save_splats(path, splats: torch.Tensor, **metadata) -> None:
+    """Write one image's splats ``[N, 8]`` to a safetensors file as fp16 (real splats only).
+
+    ``metadata`` (e.g. height, width, psnr) is stored as strings in the file's header."""
+    from safetensors.torch import save_file
+
+    check_splats(splats)
+    if splats.dim() != 2:
+        raise ValueError(f"save_splats takes one image's splats [N, 8], got {tuple(splats.shape)}")
+    real = splats[splat_mask(splats)]
+    meta = {key: str(value) for key, value in metadata.items()}
+    save_file({"splats": real.detach().to("cpu", torch.float16).contiguous()}, str(path), meta)
+
+
+def load_splats(path) -> tuple[torch.Tensor, dict[str, str]]:
+    """Read a file written by :func:`save_splats`: ``(splats [N, 8] float32, metadata)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("splats").float(), dict(f.metadata() or {})
