@@ -93,7 +93,7 @@ def cmd_fit(args) -> int:
             stem += "_"
         stems.add(stem)
         height, width = images[i].shape[-2:]
-        splats = result.splats[i]
+        splats = result.splats[i].half().float()  # the render shows what the file holds
         save_splats(out / f"{stem}.safetensors", splats, height=height, width=width,
                     psnr=f"{float(result.psnr[i]):.3f}", source=str(path))
         to_pil(render_splats(splats, height, width)).save(out / f"{stem}.png")
