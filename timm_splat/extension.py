@@ -1,13 +1,14 @@
 """Builds and loads the renderer kernels in csrc/ (compiled on first use, then cached).
 
 Like gsplat, ``pip install`` needs no compiler: the first render compiles csrc/ with
-``torch.utils.cpp_extension.load`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``); later imports only load the cached library. When the
-compile fails, one warning says why and the pure-PyTorch reference renders instead.
+``torch.utils.cpp_extension.load`` into ``~/.cache/timm_splat/<torch version>`` (or
+``$TIMM_SPLAT_BUILD_DIR``); later processes only load the cached library. When the compile
+fails, one warning says why and the pure-PyTorch reference renders instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -44,7 +45,15 @@ def build(verbose: bool = False) -> Path:
     """Compile (or load from the cache) the kernel library and register its ops.
 
     Returns the build folder. Raises on failure."""
-    from torch.utils import cpp_extension
+    # Importing cpp_extension on a machine without a CUDA runtime logs a guess at CUDA_HOME;
+    # the CPU build does not use it, so keep that line out of the user's terminal.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
 
     src = source_dir()
     out = build_dir()
