@@ -6,8 +6,9 @@
 // of splats per tile: a tile simply walks more chunks. The backward pass reduces each splat's
 // gradient over the tile's pixels inside the block and adds it to global memory with one atomic
 // per channel and tile. All Gaussian math comes from splat_math.h, shared with the CPU kernel.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -166,7 +167,7 @@ torch::Tensor render_forward_cuda(const torch::Tensor& splats_in, int64_t height
   const int tiles_x = int((width + kTileSize - 1) / kTileSize);
   const int tiles_y = int((height + kTileSize - 1) / kTileSize);
   const dim3 grid(tiles_x * tiles_y, unsigned(splats.size(0)));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(splats.scalar_type(), "render_forward_cuda", [&] {
     forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         splats.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), splats.size(1), int(height),
@@ -190,7 +191,7 @@ torch::Tensor render_backward_cuda(const torch::Tensor& grad_out_in,
   const int tiles_x = int((width + kTileSize - 1) / kTileSize);
   const int tiles_y = int((height + kTileSize - 1) / kTileSize);
   const dim3 grid(tiles_x * tiles_y, unsigned(splats.size(0)));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(splats.scalar_type(), "render_backward_cuda", [&] {
     backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         splats.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),

@@ -105,12 +105,19 @@ def cmd_fit(args) -> int:
 def cmd_build(args) -> int:
     from . import extension
 
+    kind = "CPU and CUDA" if args.cuda else "CPU"
+    print(f"building the {kind} renderer kernels (torch {torch.__version__})...", flush=True)
+    start = time.perf_counter()
     try:
-        path = extension.build(verbose=args.verbose)
+        built = extension.build(verbose=args.verbose, cuda=args.cuda or None)
     except Exception as exc:
-        print(f"kernel build failed: {exc}", file=sys.stderr)
+        print(f"kernel build failed: {exc}\n(rerun with --verbose for the compiler's output)",
+              file=sys.stderr)
         return 1
-    print(f"built the CPU renderer kernels (torch {torch.__version__}) in {path}")
+    print(f"built {built['name']} for {' + '.join(built['devices'])} in "
+          f"{time.perf_counter() - start:.0f} s, cached in {built['folder']}")
+    if built["cuda_archs"]:
+        print(f"CUDA archs: {built['cuda_archs']} (toolkit {built['cuda_home']})")
     return 0
 
 
@@ -133,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_fit)
 
     build = sub.add_parser("build", help="compile the renderer kernels now (else: on first use)")
-    build.add_argument("--verbose", action="store_true")
+    build.add_argument("--cuda", action="store_true",
+                       help="build the CUDA kernels too (needs nvcc, not a GPU)")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(func=cmd_build)
     return parser
 

@@ -8,8 +8,10 @@ fails, one warning says why and the pure-PyTorch reference renders instead.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -20,9 +22,13 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # Repository checkout / editable install, then the copy a wheel carries.
 _SOURCE_DIRS = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc")
 _CPU_SOURCES = ("ops.cpp", "render_cpu.cpp")
+_CUDA_SOURCES = _CPU_SOURCES + ("render_cuda.cu",)
+# Hopper SASS plus PTX for the oldest GPU CUDA 13 supports, which the driver JIT-compiles for
+# any newer GPU. Set TORCH_CUDA_ARCH_LIST to build for others.
+DEFAULT_CUDA_ARCHS = "7.5+PTX;9.0"
 
 _lock = threading.Lock()
-_state: dict = {"loaded": False, "error": None}
+_state: dict = {"loaded": False, "error": None, "cuda": False}
 
 
 def source_dir() -> Path:
@@ -41,10 +47,22 @@ def build_dir() -> Path:
     return path
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile (or load from the cache) the kernel library and register its ops.
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder: $CUDA_HOME / $CUDA_PATH, the folder nvcc lives in, or a
+    /usr/local/cuda* install. An nvcc on PATH may be a wrapper script, so a candidate counts only
+    when it holds both bin/nvcc and include/cuda_runtime.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in filter(None, candidates):
+        if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
 
-    Returns the build folder. Raises on failure."""
+
+def _import_cpp_extension():
     # Importing cpp_extension on a machine without a CUDA runtime logs a guess at CUDA_HOME;
     # the CPU build does not use it, so keep that line out of the user's terminal.
     quiet = logging.getLogger("torch.utils.cpp_extension")
@@ -54,21 +72,58 @@ def build(verbose: bool = False) -> Path:
         from torch.utils import cpp_extension
     finally:
         quiet.setLevel(level)
+    return cpp_extension
+
+
+def build(verbose: bool = False, cuda: bool | None = None) -> dict:
+    """Compile (or load from the cache) the kernel library and register its ops.
+
+    ``cuda``: True builds the CUDA kernels too (needs nvcc and a CUDA build of torch, not a
+    GPU), False only the CPU kernels, None the CUDA ones when a GPU and nvcc are present.
+    Returns what was built: name, folder, devices, CUDA archs. Raises on failure."""
+    if _state.get("built"):  # a process can hold only one library defining the ops
+        if cuda and not _state["cuda"]:
+            raise RuntimeError("the CPU-only kernels are already loaded in this process; "
+                               "build the CUDA kernels in a fresh process")
+        return _state["built"]
+    cuda_home = find_cuda_home()
+    if cuda is None:
+        cuda = torch.cuda.is_available() and cuda_home is not None
+    if cuda and torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is a CPU-only build: no CUDA kernels")
+    if cuda and cuda_home is None:
+        raise RuntimeError("no CUDA toolkit found (nvcc): install it or set CUDA_HOME")
+    if cuda:
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+    cpp_extension = _import_cpp_extension()
+    if cuda:
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # read once at import; may be a guess
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
 
     src = source_dir()
     out = build_dir()
+    name = "timm_splat_cuda" if cuda else "timm_splat_cpu"
     # torch versions the library itself when sources or flags change, and rebuilds only then.
     cpp_extension.load(
-        name="timm_splat_cpu",
-        sources=[str(src / name) for name in _CPU_SOURCES],
+        name=name,
+        sources=[str(src / f) for f in (_CUDA_SOURCES if cuda else _CPU_SOURCES)],
         extra_cflags=["-O3", "-ffast-math"],  # torch picks the C++ standard its headers need
+        extra_cuda_cflags=["-O3", "--use_fast_math"],
         extra_include_paths=[str(src)],
         build_directory=str(out),
-        with_cuda=False,
+        with_cuda=cuda,
         is_python_module=False,
         verbose=verbose,
     )
-    return out
+    _state["cuda"] = cuda
+    _state["built"] = {
+        "name": name,
+        "folder": str(out),
+        "devices": ["cpu", "cuda"] if cuda else ["cpu"],
+        "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda else None,
+        "cuda_home": os.environ.get("CUDA_HOME") if cuda else None,
+    }
+    return _state["built"]
 
 
 def load() -> bool:
@@ -83,7 +138,15 @@ def load() -> bool:
             _state["error"] = "disabled by TIMM_SPLAT_NO_KERNELS"
             return False
         try:
-            build()
+            built = build()
+            if torch.cuda.is_available() and "cuda" not in built["devices"]:
+                warnings.warn(
+                    "timm_splat: no CUDA toolkit (nvcc) found, so GPU tensors render with the "
+                    "pure-PyTorch reference; install the CUDA toolkit or set CUDA_HOME for the "
+                    "CUDA kernels.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             from . import ops
 
             ops.register_autograd()
@@ -99,6 +162,10 @@ def load() -> bool:
                 stacklevel=3,
             )
         return _state["loaded"]
+
+
+def cuda_kernels_loaded() -> bool:
+    return load() and _state["cuda"]
 
 
 def load_error() -> str | None:

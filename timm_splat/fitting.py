@@ -96,18 +96,20 @@ def initial_splats(targets: torch.Tensor, count: int, cfg: FitConfig, backend: s
     Colours are the images' cell means divided by how much the neighbouring Gaussians overlap
     there, so the first render already matches the images' low frequencies."""
     batch, _, height, width = targets.shape
+    device = targets.device
     rows, cols = _grid_shape(count, height, width)
     n = rows * cols
     sigma_px = cfg.init_sigma * math.sqrt((height / rows) * (width / cols))
     if cfg.init == "grid":
-        ys = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
-        xs = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
+        ys = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) / rows
+        xs = (torch.arange(cols, dtype=torch.float32, device=device) + 0.5) / cols
         xy = torch.stack([xs.repeat(rows), ys.repeat_interleave(cols)], -1).expand(batch, n, 2)
     else:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        xy = torch.rand(batch, n, 2, generator=generator)
-    shape = torch.tensor([sigma_px / width, 0.0, sigma_px / height])
-    unit = torch.cat([xy, shape.expand(batch, n, 3), torch.ones(batch, n, 3)], -1).contiguous()
+        generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same splats on any device
+        xy = torch.rand(batch, n, 2, generator=generator).to(device)
+    shape = torch.tensor([sigma_px / width, 0.0, sigma_px / height], device=device)
+    ones = torch.ones(batch, n, 3, device=device)
+    unit = torch.cat([xy, shape.expand(batch, n, 3), ones], -1).contiguous()
     coverage = ops.render(unit, height, width, backend)[:, :1]  # [B, 1, H, W]
     if cfg.init == "grid":
         cell_mean = F.adaptive_avg_pool2d(targets, (rows, cols)).flatten(2).transpose(1, 2)
@@ -164,12 +166,13 @@ def _fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     batch, _, height, width = targets.shape
     splats = initial_splats(targets, math.ceil(cfg.init_scale * cfg.num_splats), cfg, backend)
     raw = _splats_to_raw(splats)
-    live = torch.ones(batch, raw.shape[1], 1)
+    live = torch.ones(batch, raw.shape[1], 1, device=raw.device)
     rows, cols = _grid_shape(raw.shape[1], height, width)
     # Scale-free learning rates: positions move in grid spacings, l21 in initial sigmas.
     lr = torch.tensor(
         [cfg.lr_position / cols, cfg.lr_position / rows, cfg.lr_shape,
-         cfg.lr_shape * splats[0, 0, 4].item(), cfg.lr_shape] + [cfg.lr_color] * 3
+         cfg.lr_shape * splats[0, 0, 4].item(), cfg.lr_shape] + [cfg.lr_color] * 3,
+        device=raw.device,
     )
     adam = _Adam(raw, lr)
     schedule = _prune_schedule(raw.shape[1], cfg)
@@ -217,6 +220,7 @@ def fit_splats(
     progress: bool | None = None,
     callback: Callable[[int, list[int], torch.Tensor], None] | None = None,
     backend: str = "auto",
+    device: str | torch.device | None = None,
     **options,
 ) -> FitResult:
     """Fit 2D Gaussian splats to images.
@@ -230,6 +234,8 @@ def fit_splats(
             with the PSNR of that step's (unclamped) render per image of the batch; for
             PSNR-vs-iteration curves.
         backend: renderer, "auto", "kernel" or "reference".
+        device: where to fit (default: CPU); the results come back on the CPU. The loop makes
+            no host synchronisation, so a GPU fit runs ahead of Python.
         **options: any :class:`FitConfig` field (iterations, init, lr_*, prune_*, seed, ...).
 
     Returns:
@@ -242,6 +248,7 @@ def fit_splats(
         raise ValueError(f"unknown fit option(s) {unknown}; valid: {sorted(field_names)}")
     cfg = FitConfig(num_splats=num_splats, **options)
     targets = to_rgb_tensors(images)
+    device = torch.device(device or "cpu")
     torch.manual_seed(cfg.seed)
 
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -255,8 +262,8 @@ def fit_splats(
         for indices in by_size.values():
             for start in range(0, len(indices), cfg.batch_size):
                 chunk = indices[start : start + cfg.batch_size]
-                batch = torch.stack([targets[i] for i in chunk])
+                batch = torch.stack([targets[i] for i in chunk]).to(device)
                 fitted, q = _fit_batch(batch, cfg, backend, bar, callback, chunk)
-                splats[chunk, : fitted.shape[1]] = fitted
-                quality[chunk] = q
+                splats[chunk, : fitted.shape[1]] = fitted.cpu()
+                quality[chunk] = q.cpu()
     return FitResult(splats, quality)

@@ -49,11 +49,11 @@ def register_autograd() -> None:
 
 def kernel_supports(splats: torch.Tensor) -> bool:
     """True when a compiled kernel exists for this tensor's device and dtype."""
-    return (
-        splats.device.type == "cpu"
-        and splats.dtype in (torch.float32, torch.float64)
-        and extension.load()
-    )
+    if splats.dtype not in (torch.float32, torch.float64) or not extension.load():
+        return False
+    if splats.device.type == "cuda":
+        return extension.cuda_kernels_loaded()
+    return splats.device.type == "cpu"
 
 
 def render(splats: torch.Tensor, height: int, width: int, backend: str = "auto") -> torch.Tensor:
