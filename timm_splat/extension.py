@@ -101,8 +101,9 @@ def build(verbose: bool = False, cuda: bool | None = None) -> dict:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
 
     src = source_dir()
-    out = build_dir()
     name = "timm_splat_cuda" if cuda else "timm_splat_cpu"
+    out = build_dir() / name  # one folder per library: their ninja files must not collide
+    out.mkdir(exist_ok=True)
     # torch versions the library itself when sources or flags change, and rebuilds only then.
     cpp_extension.load(
         name=name,

@@ -1,0 +1,209 @@
+"""Everything a GPU machine should show, in one call: build the CUDA kernels, check them against
+the reference, run the GPU tests, then time batched fitting. Prints a short table last and
+writes the full log to ``--out`` (default ``$OUT`` or ./out/gpu).
+
+    python benchmarks/gpu.py                 # on a GPU machine
+    python benchmarks/gpu.py --dry-run       # anywhere: tiny sizes on the CPU, same code path
+
+Measured: correctness (values and gradients, fp32, relative error < 1e-4, fresh random
+inputs, outputs poisoned first); images/s to a fixed iteration count and to a target PSNR for
+N in 400..3136 and batches 256..4096; the share of wall time the GPU spends in kernels; peak
+GPU memory per image; a per-image loop of the same kernels as the baseline.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from conftest import random_splats  # noqa: E402
+
+from timm_splat import extension, fit_splats, ops  # noqa: E402
+from timm_splat.images import to_rgb_tensors  # noqa: E402
+from timm_splat.reference import render_reference  # noqa: E402
+from timm_splat.samples import sample_photos  # noqa: E402
+
+LOG: list[str] = []
+
+
+def log(*parts):
+    line = " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def poison(device):
+    if device.type == "cuda":
+        junk = torch.full((1 << 26,), float("nan"), device=device)
+        del junk
+
+
+def check_correctness(device, trials: int) -> float:
+    worst = 0.0
+    for trial in range(trials):
+        height, width = [(224, 224), (37, 53), (16, 16), (100, 31)][trial % 4]
+        s = random_splats(4, 50 + 200 * trial, dtype=torch.float32, seed=1000 + trial)
+        s = s.to(device).requires_grad_()
+        poison(device)
+        out = ops.render(s, height, width, "kernel")
+        ref = render_reference(s.double(), height, width)
+        g = torch.randn_like(ref)
+        poison(device)
+        (grad,) = torch.autograd.grad((out * g.float()).sum(), s)
+        (grad_ref,) = torch.autograd.grad((ref * g).sum(), s)
+        out, ref = out.detach(), ref.detach()
+        value_err = float((out.double() - ref).abs().max() / ref.abs().max())
+        grad_err = float((grad.double() - grad_ref).abs().max() / grad_ref.abs().max())
+        log(f"  trial {trial}: {height}x{width} N={s.shape[1]}: value rel err {value_err:.2e}, "
+            f"grad rel err {grad_err:.2e}")
+        worst = max(worst, value_err, grad_err)
+    return worst
+
+
+def batch_of(photos, batch, device):
+    """``batch`` images: the sample photos, flipped and rotated so neighbours differ."""
+    base = torch.stack(to_rgb_tensors(photos))
+    variants = [base, base.flip(-1), base.flip(-2), base.transpose(-1, -2)]
+    pool = torch.cat(variants)
+    return pool[torch.arange(batch) % len(pool)].to(device)
+
+
+def timed_fit(images, budget, iterations, device, batch_size=None):
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fit_splats(images, budget, iterations=iterations, device=device, progress=False,
+                        batch_size=batch_size or len(images))
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return result, seconds, peak
+
+
+def kernel_share(images, budget, iterations, device) -> float:
+    """Share of a fit's wall time that the GPU spends running kernels."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fit_splats(images, budget, iterations=iterations, device=device, progress=False,
+                   batch_size=len(images))
+        sync(device)
+    wall = time.perf_counter() - start
+    busy_us = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0
+                  and not e.key.startswith("ProfilerStep"))
+    return busy_us / 1e6 / wall
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "out/gpu"))
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[400, 900, 1600, 3136])
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--target-psnr", type=float, default=27.9,
+                        help="mean dB the CPU fitter reaches at N=400 by default (docs)")
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    if args.dry_run:
+        device = torch.device("cpu")
+        args.budgets, args.batches, args.iterations = [400], [4, 8], 20
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA GPU: run with --dry-run to check the script on the CPU")
+        device = torch.device("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: list[tuple[str, str]] = []
+
+    log(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    start = time.perf_counter()
+    built = extension.build(cuda=device.type == "cuda")
+    extension.load()
+    log(f"built {built['name']} ({built['devices']}, archs {built['cuda_archs']}) "
+        f"in {time.perf_counter() - start:.0f} s")
+
+    log("correctness vs reference (fp32 kernel vs fp64 reference):")
+    worst = check_correctness(device, trials=2 if args.dry_run else 8)
+    summary.append(("max rel err (goal < 1e-4)", f"{worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'}"))
+
+    if not args.skip_tests and not args.dry_run:
+        test = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py",
+                               "tests/test_render.py"], capture_output=True, text=True)
+        LOG.append(test.stdout + test.stderr)
+        tail = (test.stdout.strip().splitlines() or ["no output"])[-1]
+        log("GPU tests:", tail)
+        summary.append(("GPU tests", tail))
+
+    photos = list(sample_photos(224).values())
+    rows = []
+    for budget in args.budgets:
+        for batch in args.batches:
+            images = batch_of(photos, batch, device)
+            try:
+                result, seconds, peak = timed_fit(images, budget, args.iterations, device)
+            except torch.OutOfMemoryError:
+                log(f"N={budget} batch={batch}: out of memory")
+                continue
+            rate = batch / seconds
+            rows.append((budget, batch, rate, float(result.psnr.mean()), peak / batch))
+            log(f"N={budget} batch={batch}: {rate:.1f} images/s at {args.iterations} iterations, "
+                f"mean PSNR {result.psnr.mean():.2f} dB, peak {peak / batch / 2**20:.2f} MiB/image")
+
+    budget, batch = 400, max(args.batches)
+    images = batch_of(photos, batch, device)
+    target_rate = None
+    for iterations in sorted({50, 100, 150, 200, 300, 400, args.iterations}):
+        if args.dry_run:
+            iterations = min(iterations, args.iterations)
+        result, seconds, _ = timed_fit(images, budget, iterations, device)
+        psnr = float(result.psnr.mean())
+        log(f"  to target: {iterations} iterations -> {psnr:.2f} dB, {batch / seconds:.1f} images/s")
+        if psnr >= args.target_psnr or args.dry_run:
+            target_rate = (iterations, batch / seconds, psnr)
+            break
+    share = kernel_share(images, budget, 50 if not args.dry_run else 5, device)
+    log(f"kernel time share of wall time (N=400, batch {batch}): {share:.1%}")
+
+    loop_images = images[:16 if not args.dry_run else 2]
+    _, loop_seconds, _ = timed_fit(loop_images, budget, args.iterations, device, batch_size=1)
+    loop_rate = len(loop_images) / loop_seconds
+    batched = next((r for r in rows if r[0] == 400 and r[1] == batch), None)
+    log(f"per-image loop baseline: {loop_rate:.2f} images/s")
+
+    summary += [
+        ("N=400 images/s to target", f"{target_rate[1]:.0f} ({target_rate[0]} it, "
+         f"{target_rate[2]:.2f} dB; goal >= 1400 at {args.target_psnr} dB)" if target_rate
+         else "target not reached"),
+        ("GPU kernel share", f"{share:.1%} (goal >= 95%)"),
+        (f"batched vs per-image loop (batch {batch})",
+         f"{batched[2] / loop_rate:.1f}x (goal >= 50x)" if batched else "n/a"),
+    ]
+    for budget_, batch_, rate, psnr, per_image in rows:
+        summary.append((f"N={budget_} batch={batch_}", f"{rate:.0f} img/s, {psnr:.2f} dB, "
+                        f"{per_image / 2**20:.2f} MiB/img"))
+
+    (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")
+    width = max(len(k) for k, _ in summary)
+    print("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in summary))
+
+
+if __name__ == "__main__":
+    main()

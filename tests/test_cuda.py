@@ -1,0 +1,47 @@
+"""CUDA kernels against the reference. Skipped without a GPU; benchmarks/gpu.py runs them."""
+
+import pytest
+import torch
+
+from conftest import random_splats
+from timm_splat import extension, ops
+from timm_splat.reference import render_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels():
+    if not extension.cuda_kernels_loaded():
+        pytest.fail(f"CUDA kernels did not build: {extension.load_error()}")
+
+
+def poison_allocator():
+    """Fill memory the caching allocator will hand out next with NaN, so an output element a
+    kernel forgets to write shows up."""
+    junk = torch.full((1 << 26,), float("nan"), device="cuda")
+    del junk
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("height, width, n", [(37, 53, 40), (224, 224, 400), (16, 16, 3000)])
+def test_cuda_matches_reference(dtype, tol, height, width, n):
+    s = random_splats(3, n, dtype=dtype, seed=n).cuda().requires_grad_()
+    poison_allocator()
+    out = ops.render(s, height, width, "kernel")
+    ref = render_reference(s.double(), height, width)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < tol
+    g = torch.randn_like(ref)
+    poison_allocator()
+    (grad,) = torch.autograd.grad((out * g.to(dtype)).sum(), s)
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), s)
+    assert ((grad.double() - grad_ref).abs().max() / grad_ref.abs().max()) < tol
+    assert torch.count_nonzero(grad[:, -3:]) == 0
+
+
+def test_cuda_fit_matches_cpu_fit(astronaut_64):
+    from timm_splat import fit_splats
+
+    cpu = fit_splats(astronaut_64, 100, iterations=60, prune_every=10)
+    gpu = fit_splats(astronaut_64, 100, iterations=60, prune_every=10, device="cuda")
+    assert abs(cpu.psnr.item() - gpu.psnr.item()) < 0.2
