@@ -28,7 +28,7 @@ _CUDA_SOURCES = _CPU_SOURCES + ("render_cuda.cu",)
 DEFAULT_CUDA_ARCHS = "7.5+PTX;9.0"
 
 _lock = threading.Lock()
-_state: dict = {"loaded": False, "error": None, "cuda": False}
+_state: dict = {"loaded": False, "error": None, "built": None}
 
 
 def source_dir() -> Path:
@@ -81,8 +81,8 @@ def build(verbose: bool = False, cuda: bool | None = None) -> dict:
     ``cuda``: True builds the CUDA kernels too (needs nvcc and a CUDA build of torch, not a
     GPU), False only the CPU kernels, None the CUDA ones when a GPU and nvcc are present.
     Returns what was built: name, folder, devices, CUDA archs. Raises on failure."""
-    if _state.get("built"):  # a process can hold only one library defining the ops
-        if cuda and not _state["cuda"]:
+    if _state["built"]:  # a process can hold only one library defining the ops
+        if cuda and "cuda" not in _state["built"]["devices"]:
             raise RuntimeError("the CPU-only kernels are already loaded in this process; "
                                "build the CUDA kernels in a fresh process")
         return _state["built"]
@@ -116,7 +116,6 @@ def build(verbose: bool = False, cuda: bool | None = None) -> dict:
         is_python_module=False,
         verbose=verbose,
     )
-    _state["cuda"] = cuda
     _state["built"] = {
         "name": name,
         "folder": str(out),
@@ -166,7 +165,7 @@ def load() -> bool:
 
 
 def cuda_kernels_loaded() -> bool:
-    return load() and _state["cuda"]
+    return load() and "cuda" in _state["built"]["devices"]
 
 
 def load_error() -> str | None:
