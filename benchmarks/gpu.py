@@ -13,6 +13,7 @@ GPU memory per image; a per-image loop of the same kernels as the baseline.
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,20 +23,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conftest import random_splats  # noqa: E402
+from conftest import away_from_cutoff, random_splats  # noqa: E402
 
 from timm_splat import extension, fit_splats, ops  # noqa: E402
 from timm_splat.images import to_rgb_tensors  # noqa: E402
 from timm_splat.reference import render_reference  # noqa: E402
 from timm_splat.samples import sample_photos  # noqa: E402
 
-LOG: list[str] = []
+LOG_FILE: Path | None = None  # written line by line, so a run cut off still leaves its log
 
 
 def log(*parts):
     line = " ".join(str(p) for p in parts)
     print(line, flush=True)
-    LOG.append(line)
+    if LOG_FILE is not None:
+        with LOG_FILE.open("a") as f:
+            f.write(line + "\n")
 
 
 def sync(device):
@@ -54,7 +57,7 @@ def check_correctness(device, trials: int) -> float:
     for trial in range(trials):
         height, width = [(224, 224), (37, 53), (16, 16), (100, 31)][trial % 4]
         s = random_splats(4, 50 + 200 * trial, dtype=torch.float32, seed=1000 + trial)
-        s = s.to(device).requires_grad_()
+        s = away_from_cutoff(s, height, width).to(device).requires_grad_()
         poison(device)
         out = ops.render(s, height, width, "kernel")
         ref = render_reference(s.double(), height, width)
@@ -69,6 +72,62 @@ def check_correctness(device, trials: int) -> float:
             f"grad rel err {grad_err:.2e}")
         worst = max(worst, value_err, grad_err)
     return worst
+
+
+def sanitize_target():
+    """A small forward + backward through the CUDA kernels, for compute-sanitizer to watch."""
+    extension.load()
+    s = random_splats(2, 700, dtype=torch.float32, seed=7).cuda().requires_grad_()
+    out = ops.render(s, 45, 70, "kernel")
+    out.square().sum().backward()
+    torch.cuda.synchronize()
+    print("sanitize target ran", float(out.sum()), float(s.grad.abs().sum()))
+
+
+def run_sanitizer() -> str:
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        return "compute-sanitizer not found"
+    result = {}
+    for check in ("memcheck", "racecheck"):
+        run = subprocess.run([tool, "--tool", check, "--error-exitcode", "3", sys.executable,
+                              __file__, "--sanitize-target"], capture_output=True, text=True,
+                             timeout=150)
+        log(f"compute-sanitizer {check} (exit {run.returncode}):")
+        log(run.stdout[-3000:] + run.stderr[-2000:])
+        result[check] = "clean" if run.returncode == 0 else f"exit {run.returncode}"
+    return ", ".join(f"{k} {v}" for k, v in result.items())
+
+
+def profile_fit(photos, device, budget=400, batch=1024, iterations=100):
+    """Where a fit's time goes: the op table of the profiler, and the kernels timed alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    images = batch_of(photos, batch, device)
+    fit_splats(images[:64], budget, iterations=10, device=device, progress=False)  # warm-up
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fit_splats(images, budget, iterations=iterations, device=device, progress=False,
+                   batch_size=batch)
+        sync(device)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    log(f"profile of a fit, N={budget}, batch {batch}, {iterations} iterations:\n{table}")
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    log(f"by CPU time:\n{table}")
+    splats = random_splats(batch, int(budget * 1.5), dtype=torch.float32, seed=0).to(device)
+    for name, fn in [
+        ("forward", lambda: ops.render(splats, 224, 224, "kernel")),
+        ("forward+backward", lambda: torch.autograd.grad(
+            ops.render(splats.requires_grad_(), 224, 224, "kernel").sum(), splats)),
+    ]:
+        fn()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            fn()
+        sync(device)
+        log(f"{name} alone, batch {batch}, N={splats.shape[1]}: "
+            f"{(time.perf_counter() - start) / 10 * 1e3:.2f} ms")
 
 
 def batch_of(photos, batch, device):
@@ -121,7 +180,14 @@ def main():
     parser.add_argument("--target-psnr", type=float, default=27.9,
                         help="mean dB the CPU fitter reaches at N=400 by default (docs)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--deadline", type=float, default=420,
+                        help="seconds after which the timing grid skips configs predicted to overrun")
+    parser.add_argument("--sanitize-target", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="only build, check and profile one fit (where the time goes)")
     args = parser.parse_args()
+    if args.sanitize_target:
+        return sanitize_target()
     if args.dry_run:
         device = torch.device("cpu")
         args.budgets, args.batches, args.iterations = [400], [4, 8], 20
@@ -131,6 +197,9 @@ def main():
         device = torch.device("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    global LOG_FILE
+    LOG_FILE = out / "gpu_bench.log"
+    LOG_FILE.write_text("")
     summary: list[tuple[str, str]] = []
 
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
@@ -147,15 +216,23 @@ def main():
     if not args.skip_tests and not args.dry_run:
         test = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py",
                                "tests/test_render.py"], capture_output=True, text=True)
-        LOG.append(test.stdout + test.stderr)
+        log(test.stdout[-6000:] + test.stderr[-3000:])
         tail = (test.stdout.strip().splitlines() or ["no output"])[-1]
         log("GPU tests:", tail)
         summary.append(("GPU tests", tail))
+        summary.append(("compute-sanitizer", run_sanitizer()))
 
     photos = list(sample_photos(224).values())
+    if args.profile:
+        return profile_fit(photos, device)
     rows = []
     for budget in args.budgets:
+        last = None  # (batch, seconds) of the previous batch size at this budget
         for batch in args.batches:
+            elapsed = time.perf_counter() - start
+            if last and elapsed + last[1] * batch / last[0] > args.deadline:
+                log(f"N={budget} batch={batch}: skipped, would pass the {args.deadline:.0f} s deadline")
+                continue
             images = batch_of(photos, batch, device)
             try:
                 result, seconds, peak = timed_fit(images, budget, args.iterations, device)
@@ -163,6 +240,7 @@ def main():
                 log(f"N={budget} batch={batch}: out of memory")
                 continue
             rate = batch / seconds
+            last = (batch, seconds)
             rows.append((budget, batch, rate, float(result.psnr.mean()), peak / batch))
             log(f"N={budget} batch={batch}: {rate:.1f} images/s at {args.iterations} iterations, "
                 f"mean PSNR {result.psnr.mean():.2f} dB, peak {peak / batch / 2**20:.2f} MiB/image")
@@ -171,6 +249,9 @@ def main():
     images = batch_of(photos, batch, device)
     target_rate = None
     for iterations in sorted({50, 100, 150, 200, 300, 400, args.iterations}):
+        if time.perf_counter() - start > args.deadline + 60:
+            log("  to target: stopped at the deadline")
+            break
         if args.dry_run:
             iterations = min(iterations, args.iterations)
         result, seconds, _ = timed_fit(images, budget, iterations, device)
@@ -200,9 +281,8 @@ def main():
         summary.append((f"N={budget_} batch={batch_}", f"{rate:.0f} img/s, {psnr:.2f} dB, "
                         f"{per_image / 2**20:.2f} MiB/img"))
 
-    (out / "gpu_bench.log").write_text("\n".join(LOG) + "\n")
     width = max(len(k) for k, _ in summary)
-    print("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in summary))
+    log("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in summary))
 
 
 if __name__ == "__main__":

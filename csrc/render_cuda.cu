@@ -4,7 +4,7 @@
 // splats against its tile itself, a chunk of 256 at a time into shared memory, so there is no
 // global binning pass, no host synchronisation to size a bin buffer, and no cap on the number
 // of splats per tile: a tile simply walks more chunks. The backward pass reduces each splat's
-// gradient over the tile's pixels inside the block and adds it to global memory with one atomic
+// gradient over the tile's pixels inside a warp and adds it to global memory with one atomic
 // per channel and tile. All Gaussian math comes from splat_math.h, shared with the CPU kernel.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -87,66 +87,73 @@ forward_kernel(const T* __restrict__ splats, T* __restrict__ out, int64_t n, int
   }
 }
 
+// Sum over the warp, left in every lane (butterfly), so any lane can write the result.
 template <typename T>
-__device__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+__device__ T warp_allsum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
-constexpr int kGradChunk = 32;  // splats whose per-warp partial gradients share memory at once
-
+// Backward: the block stages its tile's upstream gradient in shared memory, then each warp takes
+// one culled splat at a time and walks only the pixels of the splat's box inside the tile, a
+// pixel per lane. One warp reduction per splat and tile and one atomic per channel then carry
+// the tile's share to global memory. (A first version had all 8 warps evaluate every culled
+// splat on their own pixels and reduce 8 times as much; it measured 5.7x slower than the
+// forward on an H100.)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 backward_kernel(const T* __restrict__ splats, const T* __restrict__ grad_out,
                 T* __restrict__ grad_splats, int64_t n, int height, int width, int tiles_x) {
   __shared__ int list[kThreads];
   __shared__ int warp_counts[kWarps];
-  __shared__ T partial[kWarps][kGradChunk][kSplatChannels];
+  __shared__ T tile_grad[3][kThreads];
   const int64_t b = blockIdx.y;
   const int tx0 = (blockIdx.x % tiles_x) * kTileSize, ty0 = (blockIdx.x / tiles_x) * kTileSize;
-  const int x = tx0 + (threadIdx.x % kTileSize), y = ty0 + (threadIdx.x / kTileSize);
-  const bool inside = x < width && y < height;
-  const T px = (T(x) + T(0.5)) / T(width), py = (T(y) + T(0.5)) / T(height);
-  const int64_t plane = int64_t(height) * width;
-  T gr = 0, gg = 0, gb = 0;
-  if (inside) {
+  {
+    const int x = tx0 + (threadIdx.x % kTileSize), y = ty0 + (threadIdx.x / kTileSize);
+    const int64_t plane = int64_t(height) * width;
+    const bool inside = x < width && y < height;
     const T* go = grad_out + b * 3 * plane + int64_t(y) * width + x;
-    gr = go[0];
-    gg = go[plane];
-    gb = go[2 * plane];
-  }
+    for (int c = 0; c < 3; ++c) tile_grad[c][threadIdx.x] = inside ? go[c * plane] : T(0);
+  }  // cull_chunk's barrier publishes tile_grad before it is read
   const T* image_splats = splats + b * n * kSplatChannels;
   T* image_grads = grad_splats + b * n * kSplatChannels;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t start = 0; start < n; start += kThreads) {
     const int count =
         cull_chunk(image_splats, n, start, height, width, tx0, ty0, list, warp_counts);
-    for (int k0 = 0; k0 < count; k0 += kGradChunk) {
-      const int chunk = min(kGradChunk, count - k0);
-      for (int k = 0; k < chunk; ++k) {
-        const T* raw = image_splats + int64_t(list[k0 + k]) * kSplatChannels;
-        const SplatShape<T> s = splat_shape(raw);
-        SplatGrad<T> grad;
+    for (int k = warp; k < count; k += kWarps) {
+      const int64_t i = list[k];
+      const T* raw = image_splats + i * kSplatChannels;
+      int x0, x1, y0, y1;
+      splat_pixel_bbox(raw, height, width, x0, x1, y0, y1);  // true: the splat was culled in
+      x0 = max(x0, tx0) - tx0;
+      x1 = min(x1, tx0 + kTileSize - 1) - tx0;
+      y0 = max(y0, ty0) - ty0;
+      y1 = min(y1, ty0 + kTileSize - 1) - ty0;
+      const int box_width = x1 - x0 + 1, area = box_width * (y1 - y0 + 1);
+      const SplatShape<T> s = splat_shape(raw);
+      SplatGrad<T> grad;
+      for (int p = lane; p < area; p += 32) {
+        const int lx = x0 + p % box_width, ly = y0 + p / box_width, pixel = ly * kTileSize + lx;
+        const T px = (T(tx0 + lx) + T(0.5)) / T(width), py = (T(ty0 + ly) + T(0.5)) / T(height);
         T z1, z2;
-        const T w = inside ? splat_weight(s, px, py, z1, z2) : T(0);
-        if (w != T(0)) splat_accumulate_grad(s, w, z1, z2, gr, gg, gb, grad);
-        T values[kSplatChannels] = {grad.x, grad.y, grad.l11, grad.l21,
-                                    grad.l22, grad.r, grad.g, grad.b};
-        for (int c = 0; c < kSplatChannels; ++c) {
-          const T sum = warp_sum(values[c]);
-          if (lane == 0) partial[warp][k][c] = sum;
-        }
+        const T w = splat_weight(s, px, py, z1, z2);
+        if (w != T(0))
+          splat_accumulate_grad(s, w, z1, z2, tile_grad[0][pixel], tile_grad[1][pixel],
+                                tile_grad[2][pixel], grad);
       }
-      __syncthreads();
-      // One thread per (splat, channel) adds the warps' partials and writes once per tile.
-      for (int job = threadIdx.x; job < chunk * kSplatChannels; job += kThreads) {
-        const int k = job / kSplatChannels, c = job % kSplatChannels;
-        T sum = 0;
-        for (int w = 0; w < kWarps; ++w) sum += partial[w][k][c];
-        if (sum != T(0)) atomicAdd(image_grads + int64_t(list[k0 + k]) * kSplatChannels + c, sum);
+      const T values[kSplatChannels] = {grad.x,   grad.y, grad.l11, grad.l21,
+                                        grad.l22, grad.r, grad.g,   grad.b};
+      T mine = 0;  // lane c keeps channel c's sum, so 8 lanes write at once
+#pragma unroll
+      for (int c = 0; c < kSplatChannels; ++c) {
+        const T sum = warp_allsum(values[c]);
+        if (lane == c) mine = sum;
       }
-      __syncthreads();
+      if (lane < kSplatChannels && mine != T(0)) atomicAdd(image_grads + i * kSplatChannels + lane, mine);
     }
+    __syncthreads();  // the next chunk reuses list
   }
 }
 

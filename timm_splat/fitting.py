@@ -176,17 +176,24 @@ def _fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     )
     adam = _Adam(raw, lr)
     schedule = _prune_schedule(raw.shape[1], cfg)
+    pixels = targets[0].numel()
     for step in range(cfg.iterations):
         param = raw.detach().requires_grad_(True)
         current = _raw_to_splats(param) * live
-        render = ops.render(current, height, width, backend)
-        mse = (render - targets).square().flatten(1).mean(1)
-        loss = mse.sum() + cfg.l1_color * current[..., 5:].abs().sum()
-        (grad,) = torch.autograd.grad(loss, param)
+        # Loss: mean squared error per image + l1_color * |colour|. Its gradient is written out
+        # so that the only image-sized tensor is the residual (on a GPU the loss's autograd
+        # intermediates cost as much as the render itself).
+        fixed = current.detach()
+        residual = ops.render(fixed, height, width, backend).sub_(targets)
+        # The render's VJP is linear: scale the small [B, n, 8] result, not the residual.
+        grad_current = ops.render_vjp(fixed, residual, height, width, backend) * (2 / pixels)
+        grad_current[..., 5:] += cfg.l1_color * fixed[..., 5:].sign()
+        (grad,) = torch.autograd.grad(current, param, grad_current)
         cosine = 0.5 * (1 + math.cos(math.pi * step / cfg.iterations))
         adam.step(raw, grad, cfg.lr_final + (1 - cfg.lr_final) * cosine, live)
         if callback is not None:
-            callback(step, indices, -10 * torch.log10(mse.detach().clamp_min(1e-12)))
+            mse = torch.linalg.vector_norm(residual.flatten(1), dim=1).square() / pixels
+            callback(step, indices, -10 * torch.log10(mse.clamp_min(1e-12)))
         if step in schedule:
             raw, live = _prune(raw, live, adam, schedule[step], cfg.prune_threshold)
         bar.update(batch)

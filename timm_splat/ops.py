@@ -56,12 +56,9 @@ def kernel_supports(splats: torch.Tensor) -> bool:
     return splats.device.type == "cpu"
 
 
-def render(splats: torch.Tensor, height: int, width: int, backend: str = "auto") -> torch.Tensor:
-    """Unchecked batched render of ``[B, N, 8]`` splats; the fitter's hot path.
-
-    ``backend``: "kernel", "reference" or "auto" (the kernel where one exists)."""
+def _use_kernel(splats: torch.Tensor, backend: str) -> bool:
     if backend == "reference" or (backend == "auto" and not kernel_supports(splats)):
-        return render_reference(splats, height, width)
+        return False
     if backend not in ("kernel", "auto"):
         raise ValueError(f"backend must be 'auto', 'kernel' or 'reference', got {backend!r}")
     if not kernel_supports(splats):
@@ -69,7 +66,31 @@ def render(splats: torch.Tensor, height: int, width: int, backend: str = "auto")
             f"no renderer kernel for {splats.device.type} / {splats.dtype}"
             + (f" ({extension.load_error()})" if extension.load_error() else "")
         )
+    return True
+
+
+def render(splats: torch.Tensor, height: int, width: int, backend: str = "auto") -> torch.Tensor:
+    """Unchecked batched render of ``[B, N, 8]`` splats; the fitter's hot path.
+
+    ``backend``: "kernel", "reference" or "auto" (the kernel where one exists)."""
+    if not _use_kernel(splats, backend):
+        return render_reference(splats, height, width)
     return torch.ops.timm_splat.render_forward(splats.contiguous(), height, width)
+
+
+def render_vjp(
+    splats: torch.Tensor, grad_image: torch.Tensor, height: int, width: int, backend: str = "auto"
+) -> torch.Tensor:
+    """Gradient of ``(grad_image * render(splats)).sum()`` with respect to ``[B, N, 8]`` splats,
+    without building an autograd graph: the fitter passes its residual straight in."""
+    if _use_kernel(splats, backend):
+        return torch.ops.timm_splat.render_backward(
+            grad_image.contiguous(), splats.contiguous(), height, width
+        )
+    with torch.enable_grad():
+        leaf = splats.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(render_reference(leaf, height, width), leaf, grad_image)
+    return grad
 
 
 def render_splats(
