@@ -12,5 +12,6 @@ from .splats import (
     splat_mask,
     to_fp16_bytes,
 )
+from .transforms import SplatTransform
 
 __version__ = "0.1.0"

@@ -256,7 +256,6 @@ def fit_splats(
     cfg = FitConfig(num_splats=num_splats, **options)
     targets = to_rgb_tensors(images)
     device = torch.device(device or "cpu")
-    torch.manual_seed(cfg.seed)
 
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, image in enumerate(targets):

@@ -49,6 +49,8 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         raise ValueError(
             f"numpy images must be uint8, uint16, bool or float, got {array.dtype}"
         )
+    if not np.isfinite(data).all():
+        raise ValueError("numpy image contains NaN or infinite values")
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim != 3:
@@ -79,6 +81,9 @@ def _from_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
         tensors = [tensor.unsqueeze(0)]
     else:
         raise ValueError(f"image tensors must be [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}")
+    # One check for the whole batch: on a GPU each check is a host sync.
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError("image tensor contains NaN or infinite values")
     out = []
     for chw in tensors:
         if chw.dtype == torch.uint8:
@@ -101,13 +106,18 @@ def to_rgb_tensors(images: Any) -> list[torch.Tensor]:
         raise ValueError("no images given: expected at least one image")
     out: list[torch.Tensor] = []
     for index, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            converted = _from_tensor(item)
-        elif isinstance(item, np.ndarray):
-            converted = [_from_numpy(item)]
-        elif Image is not None and isinstance(item, Image.Image):
-            converted = [_from_pil(item)]
-        else:
+        try:
+            if isinstance(item, torch.Tensor):
+                converted = _from_tensor(item)
+            elif isinstance(item, np.ndarray):
+                converted = [_from_numpy(item)]
+            elif Image is not None and isinstance(item, Image.Image):
+                converted = [_from_pil(item)]
+            else:
+                converted = None
+        except ValueError as error:
+            raise ValueError(f"image {index}: {error}") from None
+        if converted is None:
             raise ValueError(
                 f"image {index}: expected a PIL image, numpy array or torch tensor, "
                 f"got {type(item).__name__}"
@@ -115,8 +125,6 @@ def to_rgb_tensors(images: Any) -> list[torch.Tensor]:
         for chw in converted:
             if chw.shape[-1] == 0 or chw.shape[-2] == 0:
                 raise ValueError(f"image {index} is empty: shape {tuple(chw.shape)}")
-            if not bool(torch.isfinite(chw).all()):
-                raise ValueError(f"image {index} contains NaN or infinite values")
             out.append(chw.contiguous())
     if not out:
         raise ValueError("no images given: the batch is empty")
