@@ -13,5 +13,6 @@ from .splats import (
     to_fp16_bytes,
 )
 from .transforms import SplatTransform
+from .models import SplatVisionTransformer, create_model_and_transforms, freeze, from_rgb
 
 __version__ = "0.1.0"

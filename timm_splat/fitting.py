@@ -264,7 +264,9 @@ def fit_splats(
     quality = torch.zeros(len(targets))
     total = len(targets) * cfg.iterations
     disable = None if progress is None else not progress  # None: only on a terminal
-    with tqdm(total=total, disable=disable, unit="img-it", desc=f"fit {cfg.num_splats}") as bar:
+    # Fitting differentiates the render whatever the caller's mode (models fit under no_grad).
+    with tqdm(total=total, disable=disable, unit="img-it", desc=f"fit {cfg.num_splats}") as bar, \
+            torch.enable_grad():
         for indices in by_size.values():
             for start in range(0, len(indices), cfg.batch_size):
                 chunk = indices[start : start + cfg.batch_size]

@@ -130,19 +130,26 @@ class SplatTransform:
         self.fit_options = dict(fit_options)
 
     @classmethod
-    def from_config(cls, cfg: Mapping, **overrides) -> SplatTransform:
+    def from_config(cls, cfg, **overrides) -> SplatTransform:
         """Build the transform a timm model's pixels would get, from its data config.
 
-        ``cfg``: ``timm.data.resolve_model_data_config(model)`` or ``model.pretrained_cfg``;
+        ``cfg``: a splat model (its data config and budget), or a dict:
+        ``timm.data.resolve_model_data_config(model)`` or ``model.pretrained_cfg``;
         ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode`` and ``num_splats``
         (default 400) are read, ``overrides`` (any ``__init__`` argument) win. ``mean`` and
         ``std`` are ignored on purpose: splats are fitted to raw [0, 1] colours and the model
         normalises splat features itself.
         """
+        if isinstance(cfg, torch.nn.Module):
+            from timm.data import resolve_model_data_config
+
+            model = cfg
+            cfg = dict(resolve_model_data_config(model))
+            cfg["num_splats"] = getattr(model, "num_splats", None)
         if not isinstance(cfg, Mapping):
             raise TypeError(
-                "from_config takes a dict: timm.data.resolve_model_data_config(model) or "
-                f"model.pretrained_cfg, got {type(cfg).__name__}"
+                "from_config takes a splat model or a dict: timm.data.resolve_model_data_config"
+                f"(model) or model.pretrained_cfg, got {type(cfg).__name__}"
             )
         kwargs = {
             "num_splats": cfg.get("num_splats") or DEFAULT_NUM_SPLATS,

@@ -1,0 +1,183 @@
+"""Splat models from pretrained RGB models (``from_rgb``) and the paper's freezing presets
+(``freeze``)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import QuickGELU, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
+from torch import nn
+
+from .clip import register_open_clip_configs, splat_trunk
+from .splat_vit import DEFAULT_NUM_SPLATS, SplatVisionTransformer, _cfg
+
+# open_clip vision towers we can mirror: (width, layers, patch) -> splat config name.
+_CLIP_CONFIGS = {
+    (768, 12, 16): "splat-ViT-B-16",
+    (768, 12, 32): "splat-ViT-B-32",
+    (1024, 24, 14): "splat-ViT-L-14",
+    (64, 2, 32): "splat-ViT-test",
+}
+
+
+def from_rgb(rgb: nn.Module, num_latents: int | None = None,
+             num_splats: int = DEFAULT_NUM_SPLATS):
+    """A splat model with the transformer of a pretrained RGB model.
+
+    ``rgb``: a timm ``VisionTransformer`` -> a :class:`SplatVisionTransformer` with the same
+    blocks, norms, class token, head and position embedding (resampled to the latent grid);
+    or an open_clip CLIP with a ViT vision tower -> a ``splat-ViT-*`` CLIP with those and the
+    whole text tower and logit scale. Only the GS stem is new (randomly initialised); train it
+    with ``freeze(model, "distill")`` first. ``num_latents``: 196 by default for a timm ViT; a
+    CLIP gets its splat config's."""
+    if hasattr(rgb, "visual") and hasattr(rgb, "encode_text"):
+        return _clip_from_rgb(rgb, num_latents, num_splats)
+    if isinstance(rgb, VisionTransformer) and not isinstance(rgb, SplatVisionTransformer):
+        student = _vit_like(rgb, num_latents or 196, num_splats)
+        _load_vit(student, rgb.state_dict(), rgb.patch_embed.grid_size)
+        return student
+    raise TypeError(
+        f"from_rgb takes a timm VisionTransformer or an open_clip CLIP with a ViT tower, got "
+        f"{type(rgb).__name__}"
+    )
+
+
+def _vit_like(vit: VisionTransformer, num_latents: int, num_splats: int) -> SplatVisionTransformer:
+    """An untrained splat ViT whose layers have the shapes and types of ``vit``'s."""
+    block = vit.blocks[0]
+    norm = block.norm1
+    args = dict(
+        img_size=vit.patch_embed.img_size,
+        patch_size=vit.patch_embed.patch_size,
+        embed_dim=vit.embed_dim,
+        depth=len(vit.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / vit.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
+        qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
+        init_values=getattr(block.ls1, "init_values", None) if hasattr(block.ls1, "gamma") else None,
+        class_token=vit.cls_token is not None,
+        reg_tokens=vit.num_reg_tokens,
+        no_embed_class=vit.no_embed_class,
+        pre_norm=not isinstance(vit.norm_pre, nn.Identity),
+        final_norm=not isinstance(vit.norm, nn.Identity),
+        fc_norm=not isinstance(vit.fc_norm, nn.Identity),
+        global_pool=vit.global_pool,
+        num_classes=vit.num_classes,
+        norm_layer=partial(type(norm), eps=norm.eps),
+        act_layer=type(block.mlp.act),
+    )
+    if args["init_values"] is not None:
+        args["init_values"] = float(block.ls1.gamma.flatten()[0])  # any value: weights follow
+    student = SplatVisionTransformer(num_latents=num_latents, num_splats=num_splats, **args)
+    source = getattr(vit, "pretrained_cfg", {}) or {}
+    student.pretrained_cfg = student.default_cfg = _cfg(
+        architecture=f"splat_vit from {source.get('architecture', type(vit).__name__)}",
+        num_classes=vit.num_classes, num_splats=num_splats,
+    )
+    return student
+
+
+def _load_vit(student: SplatVisionTransformer, state: dict, source_grid) -> None:
+    """Load every non-stem weight of a timm-layout ViT state dict; the stem stays as it is."""
+    state = {k: v for k, v in state.items() if not k.startswith("patch_embed.")}
+    if "pos_embed" in state:
+        prefix = 0 if student.no_embed_class else student.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=student.patch_embed.grid_size,
+            old_size=source_grid, num_prefix_tokens=prefix, verbose=False,
+        )
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("patch_embed.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"the RGB model does not match the splat ViT built for it: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def _clip_from_rgb(clip: nn.Module, num_latents: int, num_splats: int):
+    import open_clip
+
+    visual = clip.visual
+    if isinstance(getattr(visual, "trunk", None), VisionTransformer):  # a timm-tower CLIP
+        raise NotImplementedError(
+            "from_rgb of a CLIP with a timm vision tower: build the splat CLIP from a "
+            "splat-ViT-* config and use from_rgb(clip.visual.trunk) for the trunk"
+        )
+    if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None \
+            or getattr(visual, "pool_type", "tok") != "tok" or visual.proj is None:
+        raise NotImplementedError(
+            "from_rgb supports open_clip ViT towers with class-token pooling and a projection "
+            f"(got {type(visual).__name__})"
+        )
+    block = visual.transformer.resblocks[0]
+    if not isinstance(block.ls_1, nn.Identity):
+        raise NotImplementedError("from_rgb: open_clip towers with layer scale are not supported")
+    key = (visual.transformer.width, visual.transformer.layers, visual.patch_size[0])
+    if key not in _CLIP_CONFIGS:
+        raise ValueError(
+            f"no splat-ViT config for an open_clip tower of width {key[0]}, {key[1]} layers, "
+            f"patch {key[2]}; known: {sorted(_CLIP_CONFIGS.values())}"
+        )
+    register_open_clip_configs()
+    student = open_clip.create_model(_CLIP_CONFIGS[key])
+    trunk = splat_trunk(student)
+    trunk.num_splats = trunk.pretrained_cfg["num_splats"] = num_splats
+    if num_latents not in (None, trunk.patch_embed.num_patches):
+        raise ValueError(
+            f"the {_CLIP_CONFIGS[key]} config has {trunk.patch_embed.num_patches} latents, not "
+            f"{num_latents}: leave num_latents unset for a CLIP"
+        )
+    if isinstance(block.mlp.gelu, open_clip.transformer.QuickGELU):
+        # open_clip always builds timm towers with GELU; OpenAI weights need QuickGELU.
+        for splat_block in trunk.blocks:
+            splat_block.mlp.act = QuickGELU()
+    state = {"visual." + k: v for k, v in visual.state_dict().items()}
+    converted = _convert_openai_clip(state, trunk)
+    projection = converted.pop("head.weight")
+    converted.pop("head.bias")
+    _load_vit(trunk, converted, visual.grid_size)
+    with torch.no_grad():
+        student.visual.head.proj.weight.copy_(projection)
+    text = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    missing, unexpected = student.load_state_dict(text, strict=False)
+    missing = [k for k in missing if not k.startswith("visual.")]
+    if missing or unexpected:
+        raise ValueError(f"text towers differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return student
+
+
+# The paper's two stages: 1 distils the stem alone, 2 adds the first two blocks, the final norm
+# and the projection (the text tower stays frozen).
+STAGES = ("distill", "clip")
+
+
+def freeze(model: nn.Module, stage: str, verbose: bool = True) -> float:
+    """Set ``requires_grad`` for a training stage; returns (and prints) the trainable fraction.
+
+    ``model``: a splat ViT (timm) or a splat CLIP (open_clip). ``stage``: "distill" (the GS
+    stem only) or "clip" (stem + first two blocks + final norm + projection / head)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    trunk = splat_trunk(model)
+    if trunk is None:
+        raise TypeError(f"freeze takes a splat ViT or a splat CLIP, got {type(model).__name__}")
+    parts = {"stem": trunk.patch_embed}
+    if stage == "clip":
+        parts.update({f"block {i}": trunk.blocks[i] for i in range(min(2, len(trunk.blocks)))})
+        parts.update(norm=trunk.norm, fc_norm=trunk.fc_norm)
+        parts["projection"] = model.visual.head if trunk is not model else trunk.head
+    model.requires_grad_(False)
+    for part in parts.values():
+        part.requires_grad_(True)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fraction = trainable / total
+    if verbose:
+        names = ", ".join(k for k, v in parts.items() if any(True for _ in v.parameters()))
+        print(f"freeze(stage={stage!r}): training {fraction:.1%} of parameters "
+              f"({trainable / 1e6:.2f}M of {total / 1e6:.2f}M): {names}")
+    return fraction

@@ -1,0 +1,192 @@
+"""The GS stem: a set of splats ``[B, N, 8]`` in, ``M`` tokens ``[B, M, D]`` out.
+
+It takes the place of a ViT's patch embedding. Each real splat becomes a feature vector (its
+position, the log of its Cholesky diagonal, its shear and colour, plus Fourier features of
+position and shape), standardised per channel and projected to the ViT width. A Perceiver
+resampler then cross-attends from ``M`` learned latents to those embeddings.
+
+Position for the latents: the latents sit on a grid of cells over the image (14 x 14 for the
+default 196) and their cross-attention carries a learned, per-head locality bias
+``-strength * |latent cell centre - splat mean|^2`` (in cell units). Each latent so starts as a
+soft patch of the image around its cell, which is what the pretrained ViT blocks and the
+position embeddings copied from the RGB model expect at their input; heads can still learn to
+look far (strength near zero). Content attention sees the splats' positions too, through their
+Fourier features.
+
+Padding rows (``l11 == 0``) are masked out of the attention, so they never change the output,
+and a learned null key / value keeps an image with no splats at all well defined. The stem has
+no notion of splat order: permuting the splats permutes nothing downstream.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..splats import SPLAT_CHANNELS
+
+# Per-channel standardisation of (x, y, log l11, log l22, l21 / l22, r, g, b): typical centre and
+# spread of fitted splats at 224 px (log l ~ log of a few pixels / 224). Fixed, not learned, so
+# the stem sees the same scale at any budget; the projection after it is learned.
+_BASE_MEAN = (0.5, 0.5, -3.5, -3.5, 0.0, 0.45, 0.45, 0.45)
+_BASE_STD = (0.29, 0.29, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3)
+
+
+def latent_grid(num_latents: int) -> tuple[int, int]:
+    """Rows x cols of the latent cells: the squarest factorisation (14 x 14 for 196, 7 x 14 for 98)."""
+    rows = int(math.isqrt(num_latents))
+    while num_latents % rows:
+        rows -= 1
+    return rows, num_latents // rows
+
+
+def fourier(values: torch.Tensor, frequencies: int) -> torch.Tensor:
+    """``[..., C]`` -> ``[..., C * 2 * frequencies]``: sin and cos of ``pi * 2^k * values``."""
+    scales = math.pi * 2.0 ** torch.arange(frequencies, device=values.device, dtype=values.dtype)
+    angles = (values.unsqueeze(-1) * scales).flatten(-2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class SplatFeatures(nn.Module):
+    """Per-splat input features ``[B, N, F]`` and the real-splat mask ``[B, N]``."""
+
+    def __init__(self, position_frequencies: int = 8, shape_frequencies: int = 4):
+        super().__init__()
+        self.position_frequencies = position_frequencies
+        self.shape_frequencies = shape_frequencies
+        self.register_buffer("mean", torch.tensor(_BASE_MEAN), persistent=False)
+        self.register_buffer("std", torch.tensor(_BASE_STD), persistent=False)
+
+    @property
+    def num_features(self) -> int:
+        return 8 + 2 * 2 * self.position_frequencies + 3 * 2 * self.shape_frequencies
+
+    def forward(self, splats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        splats = splats.float()
+        mask = (splats[..., 2] > 0) & (splats[..., 4] > 0)
+        # Padding rows get a harmless unit shape: log(0) would put NaN into masked-out keys.
+        safe = torch.where(mask.unsqueeze(-1), splats, torch.ones_like(splats))
+        xy = safe[..., 0:2]
+        log_diag = torch.stack([safe[..., 2].log(), safe[..., 4].log()], dim=-1)
+        shear = safe[..., 3:4] / safe[..., 4:5]
+        base = torch.cat([xy, log_diag, shear, safe[..., 5:8]], dim=-1)
+        base = (base - self.mean) / self.std
+        shape = torch.cat([base[..., 2:4], shear.clamp(-4, 4)], dim=-1) / 4
+        features = torch.cat(
+            [base, fourier(xy, self.position_frequencies), fourier(shape, self.shape_frequencies)],
+            dim=-1,
+        )
+        return features, mask
+
+
+class PerceiverResampler(nn.Module):
+    """One cross-attention block from ``num_latents`` learned latents to masked splat tokens,
+    then an MLP on the latents (pre-norm, residual)."""
+
+    def __init__(self, dim: int, num_latents: int, num_heads: int, mlp_ratio: float = 2.0,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.grid = latent_grid(num_latents)
+        self.latents = nn.Parameter(torch.empty(num_latents, dim, **dd))
+        self.norm_latents = nn.LayerNorm(dim, **dd)
+        self.norm_tokens = nn.LayerNorm(dim, **dd)
+        self.q = nn.Linear(dim, dim, **dd)
+        self.kv = nn.Linear(dim, 2 * dim, **dd)
+        self.null_kv = nn.Parameter(torch.empty(2, dim, **dd))
+        self.proj = nn.Linear(dim, dim, **dd)
+        # softplus(-0.5) ~ 0.47: a head starts out looking about 1.5 cells around its latent.
+        self.locality = nn.Parameter(torch.full((num_heads,), -0.5, **dd))
+        self.norm_mlp = nn.LayerNorm(dim, **dd)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, **dd), nn.GELU(), nn.Linear(hidden, dim, **dd))
+        rows, cols = self.grid
+        ys = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
+        xs = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
+        centres = torch.stack([xs.repeat(rows), ys.repeat_interleave(cols)], dim=-1)
+        self.register_buffer("centres", centres, persistent=False)  # [M, 2], row-major like patches
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.trunc_normal_(self.latents, std=0.02)
+        nn.init.trunc_normal_(self.null_kv, std=0.02)
+
+    def attention_bias(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, M, N + 1]``: locality in cell units, -inf on padding, 0 for the null key."""
+        rows, cols = self.grid
+        cell = positions.new_tensor([cols, rows])
+        offset = (self.centres[None, :, None, :] - positions[:, None, :, :]) * cell  # [B, M, N, 2]
+        distance2 = offset.square().sum(-1)
+        bias = -F.softplus(self.locality)[None, :, None, None] * distance2[:, None]
+        bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return F.pad(bias, (0, 1))  # the null key, always visible
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+        batch, n, dim = tokens.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        latents = self.latents.unsqueeze(0).expand(batch, -1, -1)
+        q = self.q(self.norm_latents(latents))
+        kv = self.kv(self.norm_tokens(tokens)).view(batch, n, 2, dim)
+        null = self.null_kv.to(kv.dtype).view(1, 1, 2, dim).expand(batch, 1, 2, dim)
+        k, v = torch.cat([kv, null], dim=1).unbind(2)  # [B, N + 1, D] each
+
+        def split(t):
+            return t.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+        bias = self.attention_bias(positions.float(), mask).to(q.dtype)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
+        latents = latents + self.proj(out.transpose(1, 2).reshape(batch, -1, dim))
+        return latents + self.mlp(self.norm_mlp(latents))
+
+
+class GSStem(nn.Module):
+    """Splats ``[B, N, 8]`` (any N, zero rows as padding) -> tokens ``[B, num_latents, D]``.
+
+    Built by timm's ``VisionTransformer`` in place of its patch embedding (``embed_layer``), so
+    it takes that constructor's arguments; ``img_size``, ``patch_size`` and ``in_chans`` only
+    describe the pixels the splats were fitted from."""
+
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans=3,
+        embed_dim=768,
+        num_latents: int = 196,
+        num_heads: int | None = None,
+        position_frequencies: int = 8,
+        shape_frequencies: int = 4,
+        mlp_ratio: float = 2.0,
+        bias: bool = True,
+        dynamic_img_pad: bool = False,
+        device=None,
+        dtype=None,
+        **unused,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        self.num_patches = num_latents  # what VisionTransformer sizes its position embedding by
+        self.grid_size = latent_grid(num_latents)
+        self.features = SplatFeatures(position_frequencies, shape_frequencies)
+        self.proj = nn.Linear(self.features.num_features, embed_dim, **dd)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
+        self.resampler = PerceiverResampler(
+            embed_dim, num_latents, num_heads or max(1, embed_dim // 64), mlp_ratio, **dd
+        )
+
+    def forward(self, splats: torch.Tensor) -> torch.Tensor:
+        if splats.dim() != 3 or splats.shape[-1] != SPLAT_CHANNELS:
+            raise ValueError(
+                f"the GS stem takes splats [B, N, {SPLAT_CHANNELS}], got {tuple(splats.shape)}"
+            )
+        features, mask = self.features(splats)
+        tokens = self.norm(self.proj(features.to(self.proj.weight.dtype)))
+        return self.resampler(tokens, splats[..., 0:2], mask)
