@@ -150,8 +150,10 @@ def test_from_config_reads_a_timm_data_config():
     assert (t.num_splats, t.image_size, t.crop_pct) == (64, (24, 40), 1.0)
     assert t.interpolation.value == "bilinear" and t.fit_options == FAST
     assert SplatTransform.from_config(cfg, num_splats=32).num_splats == 32
+    from_model = SplatTransform.from_config(model)  # a model: its data config, default budget
+    assert (from_model.num_splats, from_model.crop_pct) == (400, 0.9)
     with pytest.raises(TypeError, match="resolve_model_data_config"):
-        SplatTransform.from_config(model)
+        SplatTransform.from_config("vit_tiny_patch16_224")
 
 
 def test_bad_options_fail_at_construction():
