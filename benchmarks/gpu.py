@@ -81,7 +81,7 @@ def sanitize_target():
     out = ops.render(s, 45, 70, "kernel")
     out.square().sum().backward()
     torch.cuda.synchronize()
-    print("sanitize target ran", float(out.sum()), float(s.grad.abs().sum()))
+    print("sanitize target ran", float(out.detach().sum()), float(s.grad.abs().sum()))
 
 
 def run_sanitizer() -> str:
