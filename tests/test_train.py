@@ -1,0 +1,103 @@
+"""Training with accelerate on the CPU: stage 1 then stage 2 on a tiny model and a tiny captioned
+set, losses fall, and a resumed run continues exactly where the checkpoint left it."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from timm_splat.samples import sample_photos
+
+TINY = ["--model", "splat-ViT-test", "--num-splats", "16", "--image-size", "32",
+        "--fit-iterations", "10", "--batch-size", "4", "--lr", "3e-3", "--warmup", "1",
+        "--log-every", "1", "--cpu"]
+
+
+@pytest.fixture(scope="module")
+def captioned_folder(tmp_path_factory):
+    """8 small photos, each with its own caption file."""
+    folder = tmp_path_factory.mktemp("captioned")
+    photos = list(sample_photos(48).items())[:4]
+    for i, (name, image) in enumerate(photos * 2):
+        image = image.transpose(0) if i >= len(photos) else image  # second copy mirrored
+        image.save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"a photo of {name.replace('_', ' ')}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny RGB CLIP as an open_clip local-dir model (random weights), the layout of
+    splat-ViT-test's towers so from_rgb can copy it."""
+    folder = tmp_path_factory.mktemp("teacher")
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 32,
+                          "image_size": 64},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                        "layers": 2}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
+    return folder
+
+
+def run_train(*args):
+    result = subprocess.run([sys.executable, "-m", "timm_splat.train", *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def losses(run_dir, stage):
+    lines = (run_dir / stage / "log.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_distill_then_clip_losses_fall(tmp_path, captioned_folder, teacher_dir):
+    run = tmp_path / "run"
+    run_train("--stage", "distill", "--teacher", f"local-dir:{teacher_dir}",
+              "--train-data", str(captioned_folder), "--output", str(run), "--epochs", "8", *TINY)
+    distill = losses(run, "distill")
+    assert len(distill) == 16
+    assert sum(list(distill.values())[-4:]) < sum(list(distill.values())[:4])
+    assert json.loads((run / "final" / "run.json").read_text())["stage"] == "distill"
+
+    run_train("--stage", "clip", "--resume", str(run), "--train-data", str(captioned_folder),
+              "--epochs", "8", *TINY)
+    clip = losses(run, "clip")
+    assert sum(list(clip.values())[-4:]) < sum(list(clip.values())[:4])
+    assert json.loads((run / "final" / "run.json").read_text())["stage"] == "clip"
+    assert (run / "clip" / "final" / "model.safetensors").exists()
+
+
+def test_resume_gives_the_same_next_step(tmp_path, captioned_folder, teacher_dir):
+    full = tmp_path / "full"
+    common = ["--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
+              str(captioned_folder), "--epochs", "2", "--checkpoint-every", "3", *TINY]
+    run_train(*common, "--output", str(full))
+    expected = losses(full, "distill")
+    assert len(expected) == 4  # 2 epochs of 2 batches: step 3 is mid-epoch
+
+    # A run killed after its step-3 checkpoint: only that checkpoint survives.
+    cut = tmp_path / "cut"
+    (cut / "distill" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "distill" / "checkpoints" / "step_0000003",
+                    cut / "distill" / "checkpoints" / "step_0000003")
+    result = run_train(*common, "--resume", str(cut))
+    assert "resumed" in result.stdout
+    resumed = losses(cut, "distill")
+    assert list(resumed) == [4]
+    assert resumed[4] == pytest.approx(expected[4], rel=1e-6, abs=1e-9)
+
+
+def test_distill_needs_a_teacher(tmp_path, captioned_folder):
+    result = subprocess.run([sys.executable, "-m", "timm_splat.train", "--stage", "distill",
+                             "--train-data", str(captioned_folder), "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "needs --teacher" in result.stderr
