@@ -1,8 +1,9 @@
-"""The ``timm-splat`` command: demo, fit, build."""
+"""The ``timm-splat`` command: demo, fit, build; prefit, train, eval and push run their modules."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -121,9 +122,21 @@ def cmd_build(args) -> int:
     return 0
 
 
+# Subcommands that are programs of their own (also run as `accelerate launch -m <module>`): the
+# rest of the command line goes to the module's main().
+DELEGATED = {
+    "prefit": ("timm_splat.prefit", "fit a dataset once into parquet shards of splats"),
+    "train": ("timm_splat.train", "train a splat CLIP (stage distill, then clip)"),
+    "eval": ("timm_splat.eval", "zero-shot ImageNet-1K (or any labelled set) evaluation"),
+    "push": ("timm_splat.hub", "publish a training run to the Hugging Face Hub"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timm-splat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (see: timm-splat {name} --help)", add_help=False)
 
     demo = sub.add_parser("demo", help="fit scikit-image's sample photos at several budgets")
     demo.add_argument("--out", default="out/demo", help="folder for the grid and plot PNGs")
@@ -148,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return module.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -57,7 +57,8 @@ def _vit_like(vit: VisionTransformer, num_latents: int, num_splats: int) -> Spla
         mlp_ratio=block.mlp.fc1.out_features / vit.embed_dim,
         qkv_bias=block.attn.qkv.bias is not None,
         qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
-        init_values=getattr(block.ls1, "init_values", None) if hasattr(block.ls1, "gamma") else None,
+        # Layer scale: any value builds the right parameters; the weights are copied after.
+        init_values=float(block.ls1.gamma.flatten()[0]) if hasattr(block.ls1, "gamma") else None,
         class_token=vit.cls_token is not None,
         reg_tokens=vit.num_reg_tokens,
         no_embed_class=vit.no_embed_class,
@@ -69,8 +70,6 @@ def _vit_like(vit: VisionTransformer, num_latents: int, num_splats: int) -> Spla
         norm_layer=partial(type(norm), eps=norm.eps),
         act_layer=type(block.mlp.act),
     )
-    if args["init_values"] is not None:
-        args["init_values"] = float(block.ls1.gamma.flatten()[0])  # any value: weights follow
     student = SplatVisionTransformer(num_latents=num_latents, num_splats=num_splats, **args)
     source = getattr(vit, "pretrained_cfg", {}) or {}
     student.pretrained_cfg = student.default_cfg = _cfg(
