@@ -169,6 +169,20 @@ def test_from_rgb_copies_an_open_clip_clip(rgb_clip):
     assert student.encode_image(random_splats(2, 40, dtype=torch.float32)).shape == (2, 32)
 
 
+def test_from_rgb_keeps_quick_gelu():
+    from timm_splat.models.convert import uses_quick_gelu
+
+    vision = dict(layers=2, width=64, head_width=32, patch_size=32, image_size=224)
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+    rgb = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
+    student = from_rgb(rgb).eval()
+    assert uses_quick_gelu(student)
+    tokens = torch.randn(1, 50, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student.visual.trunk.blocks[0](tokens),
+                                   rgb.visual.transformer.resblocks[0](tokens), rtol=0, atol=1e-5)
+
+
 def test_from_rgb_rejects_what_it_cannot_mirror():
     with pytest.raises(TypeError, match="from_rgb takes"):
         from_rgb(torch.nn.Linear(2, 2))

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .models import freeze, from_rgb
+from .models.convert import set_quick_gelu, uses_quick_gelu
 from .models.clip import register_open_clip_configs, splat_trunk
 from .transforms import SplatTransform
 
@@ -202,8 +203,11 @@ def build_student(args, stage_dir: Path, run_dir: Path, teacher):
         student = from_rgb(teacher, num_splats=args.num_splats)
     else:
         student = open_clip.create_model(args.model)
-    if args.stage == "clip" and previous.exists() and latest_checkpoint(stage_dir) is None:
-        student.load_state_dict(load_file(previous))  # stage 2 starts where stage 1 ended
+    if args.stage == "clip" and previous.exists():
+        # Stage 2 starts where stage 1 ended (a stage-2 checkpoint, if any, overrides below).
+        if json.loads((previous.parent / "run.json").read_text()).get("quick_gelu"):
+            set_quick_gelu(student)
+        student.load_state_dict(load_file(previous))
     trunk = splat_trunk(student)
     if trunk is None:
         raise ValueError(f"{args.model} is not a splat model")
@@ -330,7 +334,8 @@ def train(args) -> dict:
 
     result = {"model": args.model, "stage": args.stage, "num_splats": args.num_splats,
               "steps": state.step, "final_loss": last_loss, "data": args.train_data,
-              "teacher": args.teacher, "teacher_pretrained": args.teacher_pretrained}
+              "teacher": args.teacher, "teacher_pretrained": args.teacher_pretrained,
+              "quick_gelu": uses_quick_gelu(model)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = stage_dir / "final"

@@ -131,9 +131,7 @@ def _clip_from_rgb(clip: nn.Module, num_latents: int, num_splats: int):
             f"{num_latents}: leave num_latents unset for a CLIP"
         )
     if isinstance(block.mlp.gelu, open_clip.transformer.QuickGELU):
-        # open_clip always builds timm towers with GELU; OpenAI weights need QuickGELU.
-        for splat_block in trunk.blocks:
-            splat_block.mlp.act = QuickGELU()
+        set_quick_gelu(trunk)
     state = {"visual." + k: v for k, v in visual.state_dict().items()}
     converted = _convert_openai_clip(state, trunk)
     projection = converted.pop("head.weight")
@@ -147,6 +145,20 @@ def _clip_from_rgb(clip: nn.Module, num_latents: int, num_splats: int):
     if missing or unexpected:
         raise ValueError(f"text towers differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return student
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """True when a splat model's blocks use QuickGELU (OpenAI CLIP weights)."""
+    trunk = splat_trunk(model)
+    return trunk is not None and isinstance(trunk.blocks[0].mlp.act, QuickGELU)
+
+
+def set_quick_gelu(model: nn.Module) -> None:
+    """Swap the blocks' GELU for QuickGELU: open_clip builds timm towers with GELU whatever
+    its quick_gelu flag says, and OpenAI weights need QuickGELU. Saved runs record it
+    (``run.json["quick_gelu"]``) because the configs cannot."""
+    for block in splat_trunk(model).blocks:
+        block.mlp.act = QuickGELU()
 
 
 # The paper's two stages: 1 distils the stem alone, 2 adds the first two blocks, the final norm
