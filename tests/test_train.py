@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -101,3 +102,21 @@ def test_distill_needs_a_teacher(tmp_path, captioned_folder):
                              "--train-data", str(captioned_folder), "--output", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "needs --teacher" in result.stderr
+
+
+def test_two_processes_split_an_epoch(tmp_path, captioned_folder):
+    """torchrun, 2 CPU processes (gloo): each trains on its own half, together on every sample
+    once, and ClipLoss gathers across them."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "timm_splat.train",
+         "--stage", "clip", "--train-data", str(captioned_folder), "--output", str(run),
+         "--epochs", "1", "--record-samples", *TINY, "--batch-size", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    seen = [(run / "clip" / f"samples-{rank}.txt").read_text().split() for rank in (0, 1)]
+    ids = [line for lines in seen for line in lines[1::2]]  # "epoch id" pairs
+    assert len(seen[0]) == len(seen[1]) > 0
+    assert sorted(ids) == sorted(p.name for p in captioned_folder.glob("*.png"))
+    assert len(losses(run, "clip")) == 2  # 8 images / (2 processes x batch 2) = 2 steps

@@ -60,7 +60,8 @@ class CaptionedImages(Dataset):
         else:
             caption = f"a photo of a {path.parent.name.replace('_', ' ')}"
         with Image.open(path) as image:
-            return {"image": image.convert("RGB"), "caption": caption}
+            return {"image": image.convert("RGB"), "caption": caption,
+                    "id": str(path.relative_to(self.root))}
 
 
 class PrefitSplats(Dataset):
@@ -86,7 +87,7 @@ class PrefitSplats(Dataset):
 
     def __getitem__(self, index):
         row = self.data[index]
-        return {"splats": row["splats"].float(), "caption": row["caption"]}
+        return {"splats": row["splats"].float(), "caption": row["caption"], "id": str(index)}
 
 
 def is_prefit(path: str) -> bool:
@@ -104,7 +105,7 @@ class Collate:
         self.tokenizer = tokenizer
 
     def __call__(self, rows):
-        batch = {}
+        batch = {"ids": [r["id"] for r in rows]}
         if "splats" in rows[0]:
             batch["splats"] = torch.stack([self.splat_transform.image_transform(r["splats"]) for r in rows])
         else:
@@ -183,6 +184,8 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record-samples", action="store_true",
+                        help="write the ids each process trained on to <stage>/samples-<rank>.txt")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU")
     args = parser.parse_args(argv)
     args.output = args.output or args.resume
@@ -264,8 +267,11 @@ def train(args) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.accum_steps)
     total = args.max_steps or steps_per_epoch * args.epochs
+    # accelerate steps a prepared scheduler once per process per step: count in those units.
+    ticks = accelerator.num_processes
+    warmup = min(args.warmup, max(1, total // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(min(args.warmup, max(1, total // 10)), total))
+        optimizer, warmup_cosine(warmup * ticks, total * ticks))
     student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -281,8 +287,7 @@ def train(args) -> dict:
                                    world_size=accelerator.num_processes)
     model = accelerator.unwrap_model(student)
     log_file = stage_dir / "log.jsonl"
-    if accelerator.is_main_process:
-        stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
 
     def save_checkpoint():
         accelerator.save_state(str(stage_dir / "checkpoints" / f"step_{state.step:07d}"))
@@ -311,6 +316,9 @@ def train(args) -> dict:
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
             seen += len(batch["splats"]) * accelerator.num_processes
+            if args.record_samples:  # an audit trail: which process saw which samples
+                with (stage_dir / f"samples-{accelerator.process_index}.txt").open("a") as f:
+                    f.write("".join(f"{state.epoch} {i}\n" for i in batch["ids"]))
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
