@@ -120,3 +120,14 @@ def test_two_processes_split_an_epoch(tmp_path, captioned_folder):
     assert len(seen[0]) == len(seen[1]) > 0
     assert sorted(ids) == sorted(p.name for p in captioned_folder.glob("*.png"))
     assert len(losses(run, "clip")) == 2  # 8 images / (2 processes x batch 2) = 2 steps
+
+
+def test_clip_stage_on_prefitted_splats(tmp_path, captioned_folder):
+    from timm_splat.data import prefit
+
+    prefit(str(captioned_folder), tmp_path / "prefit", num_splats=16, image_size=32,
+           iterations=10, progress=False)
+    run = tmp_path / "run"
+    run_train("--stage", "clip", "--train-data", str(tmp_path / "prefit"), "--output", str(run),
+              "--epochs", "2", *TINY)
+    assert len(losses(run, "clip")) == 4

@@ -40,7 +40,18 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 CARD = "README.md"
 # Pickle-based checkpoint formats: never published (loading one runs arbitrary code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub" / "model_card.md"
+
+
+def card_template(name: str) -> Path | None:
+    """A card template from hub/: the checkout's, or the copy a wheel carries (timm_splat/cards)."""
+    package = Path(__file__).resolve().parent
+    for folder in (package.parent / "hub", package / "cards"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+CARD_TEMPLATE = card_template("model_card.md")
 # Factory arguments about where weights come from, not the architecture. (Drop rates stay, so
 # the rebuilt model matches module for module; timm's config writer leaves them out.)
 _RUNTIME_ARGS = {"pretrained_model_args", "pretrained_cfg", "pretrained_cfg_overlay", "device",
@@ -175,7 +186,7 @@ def _write_card(folder: Path, *, architecture, num_classes, repo_id, open_clip_n
         parameters=f"{parameters / 1e6:.1f}M", stage=stage, data=data, base_model=base_model,
         metrics={k: _format_metric(v) for k, v in (metrics or {}).items()},
     )
-    if CARD_TEMPLATE.is_file():
+    if CARD_TEMPLATE is not None:
         card = ModelCard.from_template(card_data, template_path=str(CARD_TEMPLATE), **values)
     else:  # an installed wheel has no hub/ folder: huggingface_hub's default template
         card = ModelCard.from_template(card_data, model_id=values["title"])

@@ -65,29 +65,21 @@ class CaptionedImages(Dataset):
 
 
 class PrefitSplats(Dataset):
-    """A pre-fitted splat dataset (parquet shards with ``splats`` and ``caption`` columns)."""
+    """A pre-fitted splat dataset (``timm-splat prefit`` output or its Hub copy) with captions."""
 
     def __init__(self, path: str, split: str):
-        import datasets
+        from .data import load_prefit
 
-        folder = Path(path)
-        if folder.is_dir():
-            files = sorted(str(p) for p in folder.rglob("*.parquet"))
-            if not files:
-                raise ValueError(f"no parquet shards under {folder}")
-            data = datasets.load_dataset("parquet", data_files=files, split="train")
-        else:
-            data = datasets.load_dataset(path, split=split)
-        if "caption" not in data.column_names:
+        self.data = load_prefit(path, split)
+        if "caption" not in self.data.column_names:
             raise ValueError(f"{path} has no caption column: contrastive training needs captions")
-        self.data = data.select_columns(["splats", "caption"]).with_format("torch")
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, index):
         row = self.data[index]
-        return {"splats": row["splats"].float(), "caption": row["caption"], "id": str(index)}
+        return {"splats": row["splats"].float(), "caption": row["caption"], "id": row["source_id"]}
 
 
 def is_prefit(path: str) -> bool:

@@ -1,0 +1,328 @@
+"""Pre-fitting: sources -> resumable parquet shards -> load_prefit. Offline, CPU, tiny fits."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import ImageOps
+from torch.utils.data import DataLoader
+
+from timm_splat.data import collate_prefit, load_prefit, open_source
+from timm_splat.prefit import main
+from timm_splat.samples import sample_photos
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = "validation"
+CLASSES = ("cat", "dog", "fish")
+# 200 iterations: still ~1 s for all 12 images, and slow enough to kill a run between shards.
+FIT = ["--num-splats", "16", "--image-size", "32", "--iterations", "200", "--no-progress"]
+
+
+def run_args(dataset, out, *extra):
+    return ["--dataset", str(dataset), "--out", str(out), "--split", SPLIT, *FIT, *extra]
+
+
+def child_env(**extra):
+    path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(path))
+    env.update(extra)
+    return env
+
+
+def read_rows(out, cache):
+    """{source_id: row} of a pre-fitted folder; fails on a duplicated source_id."""
+    ds = load_prefit(out, split=SPLIT, cache_dir=str(cache))
+    rows = {}
+    for row in ds:
+        assert row["source_id"] not in rows, f"duplicated {row['source_id']}"
+        rows[row["source_id"]] = row
+    return rows
+
+
+def assert_same_splats(rows, reference):
+    assert sorted(rows) == sorted(reference)
+    for source_id, row in rows.items():
+        assert torch.equal(row["splats"], reference[source_id]["splats"]), source_id
+        assert row["label"] == reference[source_id]["label"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """12 photos in 3 class folders (PNG and JPEG, 40 px, so the 32 px crop resizes), captions
+    beside some."""
+    root = tmp_path_factory.mktemp("images")
+    photos = list(sample_photos(40).items())
+    for i in range(12):
+        name, image = photos[i % len(photos)]
+        if i >= len(photos):
+            image, name = ImageOps.mirror(image), f"{name}_mirrored"
+        folder = root / CLASSES[i % 3]
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"{name}.{'png' if i % 2 else 'jpg'}")
+        if i % 4 == 0:
+            (folder / f"{name}.txt").write_text(f"a photo of {name}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(image_folder):
+    """source_id -> (label, caption) of every image in the folder."""
+    result = {}
+    for label, cls in enumerate(CLASSES):
+        for path in (image_folder / cls).iterdir():
+            if path.suffix != ".txt":
+                caption = path.with_suffix(".txt")
+                text = caption.read_text().strip() if caption.exists() else None
+                result[f"{cls}/{path.name}"] = (label, text)
+    return result
+
+
+@pytest.fixture(scope="module")
+def baseline(image_folder, tmp_path_factory):
+    """An uninterrupted single-process run: (out dir, {source_id: row})."""
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 0
+    return out, read_rows(out, tmp_path_factory.mktemp("cache"))
+
+
+def test_folder_prefit_loads_back(baseline, expected, tmp_path):
+    out, rows = baseline
+    assert {k: (r["label"], r["caption"]) for k, r in rows.items()} == expected
+    row = next(iter(rows.values()))
+    assert row["splats"].dtype == torch.float16 and row["splats"].shape == (16, 8)
+    assert all(10 < r["psnr"] < 60 for r in rows.values())
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        f"{SPLIT}-00000-0000{k}.parquet" for k in range(3)]  # 12 rows, 5 per shard
+
+    # Plain datasets finds the split (through the card's configs) and the stored Features.
+    ds = datasets.load_dataset(str(out), split=SPLIT, cache_dir=str(tmp_path))
+    assert ds.features["splats"] == datasets.Array2D((16, 8), "float16")
+    assert ds.features["label"].names == list(CLASSES)
+    assert ds.num_rows == 12
+    card = (out / "README.md").read_text()
+    assert f"path: data/{SPLIT}-*" in card and "| validation | 12 | 0 |" in card
+
+    parquet = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"),
+                                    split="train", cache_dir=str(tmp_path))
+    assert parquet.features == ds.features  # the Features travel inside the parquet files
+
+    loader = DataLoader(load_prefit(out, cache_dir=str(tmp_path)), batch_size=5,
+                        collate_fn=collate_prefit)
+    splats, labels = next(iter(loader))
+    assert splats.dtype == torch.float32 and splats.shape == (5, 16, 8)
+    assert labels.dtype == torch.int64 and labels.shape == (5,)
+    assert torch.equal(splats[0], rows[ds[0]["source_id"]]["splats"].float())
+
+
+def test_kill9_then_resume_gives_the_uninterrupted_result(image_folder, baseline, tmp_path):
+    out = tmp_path / "out"
+    args = run_args(image_folder, out, "--shard-size", "2", "--batch-size", "1")
+    child = subprocess.Popen([sys.executable, "-m", "timm_splat.prefit", *args],
+                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((out / "data").glob("*.parquet")) and child.poll() is None:
+        assert time.monotonic() < deadline, "no shard appeared"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    _, stderr = child.communicate()
+    assert child.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    finished = len(list((out / "data").glob("*.parquet")))
+    assert 1 <= finished < 6 and not (out / "README.md").exists()  # killed part-way
+
+    assert main(args) == 0  # the same command resumes
+    assert len(list((out / "data").glob("*.parquet"))) == 6
+    assert_same_splats(read_rows(out, tmp_path / "cache"), baseline[1])
+
+
+def test_resume_repairs_every_crash_leftover(baseline, image_folder, tmp_path):
+    """What kill -9 leaves at each step of writing a shard, all at once: a half-written temp
+    file, a shard renamed into data/ but never journalled, a half-appended journal line."""
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    journal = out / ".prefit" / SPLIT / "rank-00000.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    assert len(lines) == 3
+    journal.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # shard 1 line cut short
+    (out / ".prefit" / "tmp" / f"{SPLIT}-00000-00002.parquet").write_bytes(b"PAR1 half")
+    (out / "README.md").unlink()
+    # data/...-00001 and -00002 are still there, unknown to the journal
+
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "3")) == 0
+    assert len(journal.read_text().splitlines()) == 3
+    assert not list((out / ".prefit" / "tmp").iterdir())
+    assert_same_splats(read_rows(out, tmp_path / "cache"), baseline[1])
+    assert (out / "README.md").exists()
+
+
+def test_two_ranks_split_the_work(image_folder, baseline, tmp_path):
+    out = tmp_path / "out"
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = run_args(image_folder, out, "--shard-size", "2", "--batch-size", "2")
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "timm_splat.prefit", *args],
+            env=child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                          LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for rank in range(2)
+    ]
+    for child in children:
+        _, stderr = child.communicate(timeout=180)
+        assert child.returncode == 0, stderr.decode()[-2000:]
+
+    for rank in range(2):  # item i went to rank i % 2, in shards of 2
+        events = [json.loads(line) for line in
+                  (out / ".prefit" / SPLIT / f"rank-{rank:05d}.jsonl").read_text().splitlines()]
+        assert [i for e in events for i in e["indices"]] == list(range(rank, 12, 2))
+        assert len(list((out / "data").glob(f"{SPLIT}-{rank:05d}-*.parquet"))) == 3
+    assert_same_splats(read_rows(out, tmp_path / "cache"), baseline[1])
+    assert "| validation | 12 | 0 |" in (out / "README.md").read_text()
+
+
+def _jpeg(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_webdataset_tar_captions(tmp_path):
+    photos = list(sample_photos(32).items())
+    members = []
+    for i, (name, image) in enumerate(photos[:5]):
+        members += [(f"{i:09d}.jpg", _jpeg(image)), (f"{i:09d}.txt", f"a photo of {name}".encode()),
+                    (f"{i:09d}.json", json.dumps({"uid": name}).encode())]
+    members.append(("000000099.json", b"{}"))  # a failed download: no image, so no item
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    out = tmp_path / "out"
+    assert main(run_args(tmp_path / "shards", out, "--iterations", "5")) == 0
+    rows = read_rows(out, tmp_path / "cache")
+    assert {k: r["caption"] for k, r in rows.items()} == {
+        f"{i:09d}": f"a photo of {name}" for i, (name, _) in enumerate(photos[:5])}
+    assert all(r["label"] == -1 for r in rows.values())
+    splats, captions = collate_prefit([rows[k] for k in sorted(rows)])
+    assert splats.shape == (5, 16, 8) and captions[0] == f"a photo of {photos[0][0]}"
+
+
+def test_datasets_sources(tmp_path):
+    """A local dataset folder with ImageNet's columns, and img2dataset-style parquet files."""
+    photos = list(sample_photos(32).values())[:4]
+    features = datasets.Features(image=datasets.Image(),
+                                 label=datasets.ClassLabel(names=["a", "b", "c"]))
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": photos, "label": [2, 0, 1, -1]}, features=features) \
+        .to_parquet(repo / f"{SPLIT}-00000-of-00001.parquet")
+    source = open_source(str(tmp_path / "repo"), SPLIT)
+    assert source.class_names == ["a", "b", "c"]
+    items = list(source.items(rank=1, world_size=2))  # items 1 and 3, nothing else decoded
+    assert [(i.index, i.source_id, i.label) for i in items] == [(1, "1", 0), (3, "3", None)]
+    assert items[0].image().size == (32, 32)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"jpg": [_jpeg(p) for p in photos], "caption": list("wxyz")}),
+                   tmp_path / "part-0.parquet")
+    source = open_source(str(tmp_path / "*.parquet"), SPLIT)
+    assert [(i.caption, i.label) for i in source.items()] == [(c, None) for c in "wxyz"]
+
+
+def test_dry_run_push_sends_exactly_the_shards_and_the_card(image_folder, tmp_path):
+    out, sent = tmp_path / "out", tmp_path / "sent"
+    # A first run without pushing, stopped early; the pushing run sends those shards too.
+    assert main(run_args(image_folder, out, "--shard-size", "4", "--limit", "5",
+                         "--iterations", "5")) == 0
+    assert main(run_args(image_folder, out, "--shard-size", "4", "--iterations", "5",
+                         "--dry-run-push", str(sent))) == 0
+    local = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                   if p.is_file() and ".prefit" not in p.parts)
+    assert local == ["README.md"] + [f"data/{SPLIT}-00000-0000{k}.parquet" for k in range(4)]
+    assert sorted(p.relative_to(sent).as_posix() for p in sent.rglob("*") if p.is_file()) == local
+    for name in local:
+        assert (sent / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_pushed_files_load_offline_from_the_hub_cache(baseline, tmp_path, monkeypatch):
+    """The repo as the Hub serves it, in a Hub cache (what snapshot_download leaves), loads
+    offline by its id."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--org--splats-gs16"
+    shutil.copytree(baseline[0], repo / "snapshots" / commit,
+                    ignore=shutil.ignore_patterns(".prefit"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rows = {r["source_id"]: r for r in load_prefit("org/splats-gs16",
+                                                   cache_dir=str(tmp_path / "cache"))}
+    assert_same_splats(rows, baseline[1])
+
+
+def test_clear_errors(image_folder, baseline, tmp_path, capsys):
+    assert main(run_args(tmp_path / "missing", tmp_path / "o")) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(run_args(tmp_path / "empty", tmp_path / "o")) == 2
+    assert "no images in" in capsys.readouterr().err
+    # A finished run with 16 splats refuses 8, and says how to fix it.
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    assert main(run_args(image_folder, out, "--num-splats", "8")) == 2
+    err = capsys.readouterr().err
+    assert "num_splats: 16 there, 8 now" in err and "new --out" in err
+    assert main(run_args(image_folder / "cat", out)) == 2  # another source
+    assert "source:" in capsys.readouterr().err
+    for shard in (baseline[0] / "data").iterdir():  # nothing was touched
+        assert (out / "data" / shard.name).read_bytes() == shard.read_bytes()
+
+
+class RecordingHubApi:
+    """Stands in for HfApi: keeps what each call would send (the bytes, read at call time)."""
+
+    def __init__(self):
+        self.repos, self.files = [], {}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append((repo_id, kwargs))
+
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, repo_type, **kwargs):
+        assert (repo_id, repo_type) == ("org/splats", "dataset")
+        self.files[path_in_repo] = Path(path_or_fileobj).read_bytes()
+
+
+def test_hub_uploader_creates_the_repo_once_and_sends_each_file(image_folder, tmp_path):
+    from timm_splat.data import HubUploader, prefit
+
+    uploader = HubUploader("org/splats")
+    uploader.api = RecordingHubApi()
+    out = tmp_path / "out"
+    prefit(str(image_folder), out, split=SPLIT, num_splats=16, image_size=32, iterations=5,
+           shard_size=6, uploader=uploader, repo_id="org/splats", progress=False)
+    assert uploader.api.repos == [("org/splats", {"repo_type": "dataset", "private": None,
+                                                  "exist_ok": True})]
+    sent = uploader.api.files
+    assert sorted(sent) == ["README.md"] + [f"data/{SPLIT}-00000-0000{k}.parquet" for k in (0, 1)]
+    assert all(sent[name] == (out / name).read_bytes() for name in sent)
+    assert 'load_prefit("org/splats"' in sent["README.md"].decode()
