@@ -2,6 +2,7 @@
 set, losses fall, and a resumed run continues exactly where the checkpoint left it."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,7 @@ def test_two_processes_split_an_epoch(tmp_path, captioned_folder):
 
 
 def test_clip_stage_on_prefitted_splats(tmp_path, captioned_folder):
+    pytest.importorskip("datasets")
     from timm_splat.data import prefit
 
     prefit(str(captioned_folder), tmp_path / "prefit", num_splats=16, image_size=32,
@@ -131,3 +133,35 @@ def test_clip_stage_on_prefitted_splats(tmp_path, captioned_folder):
     run_train("--stage", "clip", "--train-data", str(tmp_path / "prefit"), "--output", str(run),
               "--epochs", "2", *TINY)
     assert len(losses(run, "clip")) == 4
+
+
+def test_distill_from_webdataset_tars(tmp_path, captioned_folder, teacher_dir):
+    """img2dataset-style tars (DataComp's images) stream into stage 1."""
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-00000.tar", "w") as tar:
+        for image in sorted(captioned_folder.glob("*.png")):
+            tar.add(image, arcname=f"{image.stem}.png")
+            tar.add(image.with_suffix(".txt"), arcname=f"{image.stem}.txt")
+    run = tmp_path / "run"
+    run_train("--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
+              str(tmp_path / "shard-00000.tar"), "--output", str(run), "--epochs", "2",
+              "--max-steps", "4", "--record-samples", *TINY)  # a stream has no length
+    assert len(losses(run, "distill")) == 4
+    seen = (run / "distill" / "samples-0.txt").read_text().split()[1::2]
+    assert sorted(seen) == sorted([p.stem for p in captioned_folder.glob("*.png")] * 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_both_stages_on_the_gpu_in_bf16(tmp_path, captioned_folder, teacher_dir):
+    """bf16 autocast, splats fitted on the GPU in the collate step."""
+    gpu = [a for a in TINY if a != "--cpu"]
+    run = tmp_path / "run"
+    run_train("--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
+              str(captioned_folder), "--output", str(run), "--epochs", "4", *gpu)
+    run_train("--stage", "clip", "--resume", str(run), "--train-data", str(captioned_folder),
+              "--epochs", "4", *gpu)
+    for stage in ("distill", "clip"):
+        values = list(losses(run, stage).values())
+        assert len(values) == 8 and all(math.isfinite(v) for v in values)
+        assert sum(values[-2:]) < sum(values[:2])

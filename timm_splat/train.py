@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .models import freeze, from_rgb
 from .models.convert import set_quick_gelu, uses_quick_gelu
@@ -82,9 +82,37 @@ class PrefitSplats(Dataset):
         return {"splats": row["splats"].float(), "caption": row["caption"], "id": row["source_id"]}
 
 
-def is_prefit(path: str) -> bool:
+class StreamedImages(IterableDataset):
+    """Images streamed from a pre-fit source (webdataset tars as img2dataset writes them, HF
+    datasets, image / caption parquet), in order. Decoding waits for the collate step, so a
+    process decodes only the samples accelerate hands to it."""
+
+    def __init__(self, path: str, split: str):
+        from .data.sources import open_source
+
+        self.source = open_source(path, split)
+        self.num_items = self.source.num_items
+
+    def __iter__(self):
+        names = self.source.class_names
+        for item in self.source.items():
+            caption = item.caption
+            if caption is None and names and item.label is not None and item.label >= 0:
+                caption = f"a photo of a {names[item.label]}"
+            yield {"image": item.image, "caption": caption or "", "id": item.source_id}
+
+
+def open_train_data(path: str, split: str) -> Dataset | IterableDataset:
+    """Pre-fitted splats, a local image folder (shuffled each epoch), or a streamed source."""
     folder = Path(path)
-    return not folder.is_dir() or any(folder.rglob("*.parquet"))
+    if folder.is_dir() and not any(folder.rglob("*.parquet")) and not any(folder.rglob("*.tar")):
+        return CaptionedImages(folder)
+    try:
+        return PrefitSplats(path, split)
+    except (ValueError, FileNotFoundError) as error:
+        if "no caption column" in str(error):
+            raise
+        return StreamedImages(path, split)
 
 
 class Collate:
@@ -97,7 +125,10 @@ class Collate:
         self.tokenizer = tokenizer
 
     def __call__(self, rows):
-        batch = {"ids": [r["id"] for r in rows]}
+        batch = {}
+        for row in rows:  # streamed sources decode here, for this process's samples only
+            if callable(row.get("image")):
+                row["image"] = row["image"]().convert("RGB")
         if "splats" in rows[0]:
             batch["splats"] = torch.stack([self.splat_transform.image_transform(r["splats"]) for r in rows])
         else:
@@ -109,6 +140,7 @@ class Collate:
             batch["pixels"] = torch.stack([self.teacher_preprocess(r["image"]) for r in rows])
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer([r["caption"] for r in rows])
+        batch["ids"] = [r["id"] for r in rows]  # last: accelerate sizes batches by the first
         return batch
 
 
@@ -153,8 +185,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher", help="open_clip name of the RGB teacher (stage 1, from_rgb)")
     parser.add_argument("--teacher-pretrained", help="open_clip tag, hf-hub: id or file")
     parser.add_argument("--train-data", required=True,
-                        help="an image folder (captions from .txt files) or a pre-fitted splat "
-                             "dataset (folder of parquet shards or Hub id; stage 2 only)")
+                        help="an image folder (captions from .txt files), webdataset tars "
+                             "(img2dataset), an HF image dataset or parquet, or a pre-fitted "
+                             "splat dataset (stage 2 only: stage 1's teacher reads pixels)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--output", help="run directory (default: --resume)")
     parser.add_argument("--resume", help="run directory to continue (a stage's checkpoint, or "
@@ -223,7 +256,10 @@ def train(args) -> dict:
         cpu=cpu,
         mixed_precision=args.precision or ("no" if cpu else "bf16"),
         gradient_accumulation_steps=args.accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Streams: every process reads the stream and keeps its own share of the batches (no
+        # dispatching of batches that hold strings); decoding and fitting touch only that share.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  dispatch_batches=False),
     )
     set_seed(args.seed)
 
@@ -237,27 +273,33 @@ def train(args) -> dict:
     freeze(student, args.stage, verbose=accelerator.is_main_process)
 
     fit_options = {"iterations": args.fit_iterations} if args.fit_iterations else {}
-    splat_transform = SplatTransform(args.num_splats, args.image_size, **fit_options)
+    # Batches are fitted in the collate step: on the GPU when it runs in this process (CUDA
+    # cannot start in forked workers).
+    fit_device = accelerator.device if args.workers == 0 else "cpu"
+    splat_transform = SplatTransform(args.num_splats, args.image_size, device=fit_device,
+                                     **fit_options)
     teacher_preprocess = None
     if teacher is not None:
         cfg = teacher.visual.preprocess_cfg
         teacher_preprocess = open_clip.image_transform(cfg["size"], is_train=False,
                                                        mean=cfg["mean"], std=cfg["std"])
     tokenizer = open_clip.get_tokenizer(args.model) if args.stage == "clip" else None
-    dataset = PrefitSplats(args.train_data, args.split) if is_prefit(args.train_data) \
-        else CaptionedImages(args.train_data)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    dataset = open_train_data(args.train_data, args.split)
+    streamed = isinstance(dataset, IterableDataset)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=not streamed, drop_last=True,
                         num_workers=args.workers,
                         collate_fn=Collate(splat_transform, teacher_preprocess, tokenizer))
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} samples make no full batch of {args.batch_size}")
+    batches = (dataset.num_items or 0) // args.batch_size if streamed else len(loader)
+    if batches == 0 and not (streamed and args.max_steps):
+        raise ValueError(f"{args.train_data}: no full batch of {args.batch_size} samples"
+                         + (" (or an unknown length: pass --max-steps)" if streamed else ""))
 
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.accum_steps)
+    steps_per_epoch = math.ceil(batches / accelerator.num_processes / args.accum_steps)
     total = args.max_steps or steps_per_epoch * args.epochs
     # accelerate steps a prepared scheduler once per process per step: count in those units.
     ticks = accelerator.num_processes
@@ -286,7 +328,8 @@ def train(args) -> dict:
 
     last_loss, seen, start = None, 0, time.perf_counter()
     while state.step < total and state.epoch < args.epochs:
-        loader.set_epoch(state.epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) \
             if state.batch_in_epoch else loader
         for batch in batches:
