@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -392,7 +393,12 @@ def train(args) -> dict:
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    if args.cpu:
+        # Hide GPUs before anything initialises CUDA: with several CPU processes on a GPU host,
+        # rank 1 otherwise died on "invalid device ordinal" (cuda:<local rank>) on an H100 box.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    train(args)
 
 
 if __name__ == "__main__":
