@@ -165,3 +165,20 @@ def test_both_stages_on_the_gpu_in_bf16(tmp_path, captioned_folder, teacher_dir)
         values = list(losses(run, stage).values())
         assert len(values) == 8 and all(math.isfinite(v) for v in values)
         assert sum(values[-2:]) < sum(values[:2])
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, captioned_folder, teacher_dir):
+    """2 micro-batches of 2 accumulate to the step one batch of 4 takes (same samples: the
+    seeded sampler's order does not depend on the batch size)."""
+    from safetensors.torch import load_file
+
+    common = ["--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
+              str(captioned_folder), "--epochs", "1", *TINY]
+    run_train(*common, "--output", str(tmp_path / "full"))
+    run_train(*common, "--output", str(tmp_path / "accum"), "--batch-size", "2",
+              "--accum-steps", "2")
+    assert len(losses(tmp_path / "accum", "distill")) == 2
+    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    accum = load_file(tmp_path / "accum" / "final" / "model.safetensors")
+    for name, value in full.items():
+        torch.testing.assert_close(accum[name], value, rtol=1e-4, atol=1e-6, msg=name)
