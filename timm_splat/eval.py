@@ -214,10 +214,10 @@ def build_loader(data, *, split: str = "validation", batch_size: int = 64, trans
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                             collate_fn=_samples)
         return FitBatches(loader, transform), classes
-    import datasets
+    from .data import load_prefit
 
     # Streaming reads the parquet shards as they are: no Arrow copy in the datasets cache.
-    rows = datasets.load_dataset(str(data), split=split, streaming=True)
+    rows = load_prefit(data, split, streaming=True)
     missing = {"splats", "label"} - set(rows.column_names or ["splats", "label"])
     if missing:
         raise ValueError(f"{data} has no {sorted(missing)} column(s): not a labelled splat dataset")

@@ -33,36 +33,30 @@ from .models.convert import set_quick_gelu, uses_quick_gelu
 from .models.clip import register_open_clip_configs, splat_trunk
 from .transforms import SplatTransform
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-
-
 # --------------------------------------------------------------------------------- data
 
-class CaptionedImages(Dataset):
-    """An image folder (any depth); an image's caption is the sibling ``.txt`` file, else its
-    class folder name ("a photo of a <folder>")."""
+def _sample(item, class_names) -> dict:
+    """A training sample of a pre-fit source item; the image decodes later, in the collate
+    step, for the samples this process trains on only."""
+    caption = item.caption
+    if caption is None and class_names and item.label is not None and item.label >= 0:
+        caption = f"a photo of a {class_names[item.label].replace('_', ' ')}"
+    return {"image": item.image, "caption": caption or "", "id": item.source_id}
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
-            raise ValueError(f"no images ({sorted(IMAGE_SUFFIXES)}) under {self.root}")
+
+class FolderImages(Dataset):
+    """A local image folder (captions from ``.txt`` files beside the images, else "a photo of a
+    <class folder>"), read through the pre-fit sources; map-style, so it shuffles per epoch."""
+
+    def __init__(self, source):
+        self.items = list(source.items())  # file paths and captions, nothing decoded
+        self.class_names = source.class_names
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, index):
-        from PIL import Image
-
-        path = self.paths[index]
-        text_file = path.with_suffix(".txt")
-        if text_file.exists():
-            caption = text_file.read_text().strip()
-        else:
-            caption = f"a photo of a {path.parent.name.replace('_', ' ')}"
-        with Image.open(path) as image:
-            return {"image": image.convert("RGB"), "caption": caption,
-                    "id": str(path.relative_to(self.root))}
+        return _sample(self.items[index], self.class_names)
 
 
 class PrefitSplats(Dataset):
@@ -85,35 +79,30 @@ class PrefitSplats(Dataset):
 
 class StreamedImages(IterableDataset):
     """Images streamed from a pre-fit source (webdataset tars as img2dataset writes them, HF
-    datasets, image / caption parquet), in order. Decoding waits for the collate step, so a
-    process decodes only the samples accelerate hands to it."""
+    datasets, image / caption parquet), in order."""
 
-    def __init__(self, path: str, split: str):
-        from .data.sources import open_source
-
-        self.source = open_source(path, split)
-        self.num_items = self.source.num_items
+    def __init__(self, source):
+        self.source = source
+        self.num_items = source.num_items
 
     def __iter__(self):
-        names = self.source.class_names
         for item in self.source.items():
-            caption = item.caption
-            if caption is None and names and item.label is not None and item.label >= 0:
-                caption = f"a photo of a {names[item.label]}"
-            yield {"image": item.image, "caption": caption or "", "id": item.source_id}
+            yield _sample(item, self.source.class_names)
 
 
 def open_train_data(path: str, split: str) -> Dataset | IterableDataset:
     """Pre-fitted splats, a local image folder (shuffled each epoch), or a streamed source."""
+    from .data.sources import open_source
+
     folder = Path(path)
-    if folder.is_dir() and not any(folder.rglob("*.parquet")) and not any(folder.rglob("*.tar")):
-        return CaptionedImages(folder)
-    try:
-        return PrefitSplats(path, split)
-    except (ValueError, FileNotFoundError) as error:
-        if "no caption column" in str(error):
-            raise
-        return StreamedImages(path, split)
+    if not (folder.is_dir() and not any(folder.rglob("*.parquet"))):
+        try:
+            return PrefitSplats(path, split)
+        except (ValueError, FileNotFoundError) as error:
+            if "no caption column" in str(error):
+                raise
+    source = open_source(path, split)
+    return FolderImages(source) if source.kind == "imagefolder" else StreamedImages(source)
 
 
 class Collate:
