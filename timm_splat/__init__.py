@@ -12,7 +12,12 @@ from .splats import (
     splat_mask,
     to_fp16_bytes,
 )
-from .transforms import SplatTransform
-from .models import SplatVisionTransformer, create_model_and_transforms, freeze, from_rgb
+
+try:  # the models register themselves in timm (and open_clip) on import
+    from .models import SplatVisionTransformer, create_model_and_transforms, freeze, from_rgb
+    from .transforms import SplatTransform
+except ModuleNotFoundError as error:  # fitting and the kernels need torch alone
+    if (error.name or "").split(".")[0] not in ("timm", "torchvision"):
+        raise
 
 __version__ = "0.1.0"
