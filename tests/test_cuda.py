@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import away_from_cutoff, random_splats
+from conftest import away_from_cutoff, poison_allocator, random_splats
 from timm_splat import extension, ops
 from timm_splat.reference import render_reference
 
@@ -14,13 +14,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 def cuda_kernels():
     if not extension.cuda_kernels_loaded():
         pytest.fail(f"CUDA kernels did not build: {extension.load_error()}")
-
-
-def poison_allocator():
-    """Fill memory the caching allocator will hand out next with NaN, so an output element a
-    kernel forgets to write shows up."""
-    junk = torch.full((1 << 26,), float("nan"), device="cuda")
-    del junk
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])

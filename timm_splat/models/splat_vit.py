@@ -65,7 +65,7 @@ class SplatVisionTransformer(VisionTransformer):
     def fit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels ``[B, 3, H, W]`` -> splats ``[B, num_splats, 8]`` on their device."""
         images = pixels.float() * self.pixel_std + self.pixel_mean
-        low, high = float(images.min()), float(images.max())
+        low, high = (float(v) for v in torch.aminmax(images))
         if low < -0.25 or high > 1.25:  # resampling overshoot is fine, other normalisations are not
             raise ValueError(
                 f"pixel inputs un-normalise to [{low:.2f}, {high:.2f}], not [0, 1]: normalise them "
