@@ -19,7 +19,7 @@ images = torch.stack([torch.from_numpy(__import__("numpy").asarray(photos[i % le
                       for i in range(batch)])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-result = fit_splats(images, budget, iterations=iterations, progress=False)
+result = fit_splats(images, num_splats=budget, iterations=iterations, progress=False)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(f"{peak / 2**20:.2f} {before / 2**20:.2f} {seconds:.1f} {result.psnr.mean():.2f}")

@@ -24,7 +24,7 @@ def run(images, budget, **options):
             curve[step + 1] = float(psnr.mean())
 
     start = time.perf_counter()
-    result = fit_splats(images, budget, callback=record, progress=False, **options)
+    result = fit_splats(images, num_splats=budget, callback=record, progress=False, **options)
     return result, (time.perf_counter() - start) / len(images), curve
 
 

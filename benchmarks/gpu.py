@@ -100,10 +100,10 @@ def profile_fit(photos, device, budget=400, batch=1024, iterations=100):
     from torch.profiler import ProfilerActivity, profile
 
     images = batch_of(photos, batch, device)
-    fit_splats(images[:64], budget, iterations=10, device=device, progress=False)  # warm-up
+    fit_splats(images[:64], num_splats=budget, iterations=10, device=device, progress=False)  # warm-up
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fit_splats(images, budget, iterations=iterations, device=device, progress=False,
+        fit_splats(images, num_splats=budget, iterations=iterations, device=device, progress=False,
                    batch_size=batch)
         sync(device)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
@@ -139,7 +139,7 @@ def timed_fit(images, budget, iterations, device, batch_size=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = fit_splats(images, budget, iterations=iterations, device=device, progress=False,
+    result = fit_splats(images, num_splats=budget, iterations=iterations, device=device, progress=False,
                         batch_size=batch_size or len(images))
     sync(device)
     seconds = time.perf_counter() - start
@@ -167,11 +167,11 @@ def gpu_busy_share(images, budget, iterations, device) -> float:
         while not done.wait(0.02):
             samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
 
-    fit_splats(images[:64], budget, iterations=5, device=device, progress=False)  # warm-up
+    fit_splats(images[:64], num_splats=budget, iterations=5, device=device, progress=False)  # warm-up
     sync(device)
     thread = threading.Thread(target=sample)
     thread.start()
-    fit_splats(images, budget, iterations=iterations, device=device, progress=False,
+    fit_splats(images, num_splats=budget, iterations=iterations, device=device, progress=False,
                batch_size=len(images))
     sync(device)
     done.set()

@@ -45,7 +45,7 @@ def main():
     pixels = torch.stack(to_rgb_tensors(photos))[index].to(device)
     inputs = {}
     for budget in args.budgets:  # a short fit: values do not change the forward's cost
-        fitted = fit_splats(photos, budget, iterations=60, progress=False, device=device)
+        fitted = fit_splats(photos, num_splats=budget, iterations=60, progress=False, device=device)
         inputs[budget] = fitted.splats[index].to(device)
 
     vit = timm.create_model("vit_base_patch16_224", num_classes=1000).eval().to(device)

@@ -38,6 +38,6 @@ def test_cuda_matches_reference(dtype, tol, height, width, n):
 def test_cuda_fit_matches_cpu_fit(astronaut_64):
     from timm_splat import fit_splats
 
-    cpu = fit_splats(astronaut_64, 100, iterations=60, prune_every=10)
-    gpu = fit_splats(astronaut_64, 100, iterations=60, prune_every=10, device="cuda")
+    cpu = fit_splats(astronaut_64, num_splats=100, iterations=60, prune_every=10)
+    gpu = fit_splats(astronaut_64, num_splats=100, iterations=60, prune_every=10, device="cuda")
     assert abs(cpu.psnr.item() - gpu.psnr.item()) < 0.2

@@ -32,7 +32,7 @@ def photos():
 @pytest.fixture(scope="module")
 def prefit(photos, tmp_path_factory):
     """A labelled pre-fitted dataset in the published schema, laid out like a Hub dataset."""
-    fitted = timm_splat.fit_splats(list(photos.values()), FIT["num_splats"], progress=False,
+    fitted = timm_splat.fit_splats(list(photos.values()), num_splats=FIT["num_splats"], progress=False,
                                    iterations=FIT["iterations"])
     rows = {
         # real rows only (differing counts), as the writer stores them

@@ -14,7 +14,7 @@ def test_fit_raises_psnr_on_a_real_photo(astronaut_64):
     target = to_rgb_tensors(astronaut_64)[0][None]
     start = initial_splats(target, 150, FitConfig(num_splats=100))
     start_psnr = psnr(render_splats(start, 64, 64), target).item()
-    result = fit_splats(astronaut_64, 100, **FAST)
+    result = fit_splats(astronaut_64, num_splats=100, **FAST)
     assert result.splats.shape == (1, 100, 8)
     assert result.psnr.item() > start_psnr + 2
     assert result.psnr.item() > 18
@@ -23,8 +23,8 @@ def test_fit_raises_psnr_on_a_real_photo(astronaut_64):
 
 
 def test_structured_init_starts_better_than_random_init(astronaut_64):
-    grid = fit_splats(astronaut_64, 100, init="grid", iterations=0).psnr.item()
-    rand = fit_splats(astronaut_64, 100, init="random", iterations=0).psnr.item()
+    grid = fit_splats(astronaut_64, num_splats=100, init="grid", iterations=0).psnr.item()
+    rand = fit_splats(astronaut_64, num_splats=100, init="random", iterations=0).psnr.item()
     assert grid > rand + 1
 
 
@@ -40,16 +40,16 @@ def test_init_colours_are_corrected_for_overlap():
 def test_fit_is_deterministic_and_batched_like_single(astronaut_64):
     small = astronaut_64.resize((32, 32))
     images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
-    a = fit_splats(images, 40, **FAST)
-    b = fit_splats(images, 40, **FAST)
+    a = fit_splats(images, num_splats=40, **FAST)
+    b = fit_splats(images, num_splats=40, **FAST)
     assert torch.equal(a.splats, b.splats)
-    single = fit_splats(images[1], 40, **FAST)
+    single = fit_splats(images[1], num_splats=40, **FAST)
     torch.testing.assert_close(single.splats[0], a.splats[1], rtol=1e-4, atol=1e-5)
 
 
 def test_mixed_sizes_and_padding_rows_are_zero(astronaut_64):
     flat = np.zeros((20, 30, 3), np.uint8)  # black: every splat falls under the threshold
-    result = fit_splats([astronaut_64, flat], 50, **FAST)
+    result = fit_splats([astronaut_64, flat], num_splats=50, **FAST)
     assert result.splats.shape == (2, 50, 8)
     counts = splat_count(result.splats)
     assert counts[0] == 50 and counts[1] < 50
@@ -89,14 +89,14 @@ def test_bad_options(kwargs, message, astronaut_64):
 
 def test_bad_images():
     with pytest.raises(ValueError, match="NaN"):
-        fit_splats(torch.full((3, 8, 8), float("nan")), 10)
+        fit_splats(torch.full((3, 8, 8), float("nan")), num_splats=10)
     with pytest.raises(ValueError, match="channels"):
-        fit_splats(torch.rand(2, 8, 8), 10)
+        fit_splats(torch.rand(2, 8, 8), num_splats=10)
     with pytest.raises(ValueError, match="no images"):
-        fit_splats([], 10)
+        fit_splats([], num_splats=10)
 
 
 def test_zero_iterations_and_tiny_images():
-    result = fit_splats(torch.rand(3, 2, 3), 4, iterations=0)
+    result = fit_splats(torch.rand(3, 2, 3), num_splats=4, iterations=0)
     assert result.splats.shape == (1, 4, 8)
     assert torch.isfinite(result.psnr).all()

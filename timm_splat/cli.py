@@ -18,7 +18,7 @@ def _fit_timed(images, budget: int, iterations: int | None):
 
     options = {} if iterations is None else {"iterations": iterations}
     start = time.perf_counter()
-    result = fit_splats(images, budget, progress=True, **options)
+    result = fit_splats(images, num_splats=budget, progress=True, **options)
     return result, (time.perf_counter() - start) / len(images)
 
 

@@ -147,9 +147,6 @@ def load() -> bool:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            from . import ops
-
-            ops.register_autograd()
             _state["loaded"] = True
         except Exception as exc:  # a compiler failure can surface as many exception types
             _state["error"] = f"{type(exc).__name__}: {exc}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
 from typing import Callable, NamedTuple
 
 import torch
@@ -19,15 +18,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import ops
-from .images import to_rgb_tensors
-from .splats import SPLAT_CHANNELS, luminance, pack_real_first
+from .images import to_rgb_batch, to_rgb_tensors
+from .splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS, luminance, pack_real_first
 
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Every knob of the fitter, with the defaults the benchmarks were measured at."""
 
-    num_splats: int = 400
+    num_splats: int = DEFAULT_NUM_SPLATS
     iterations: int = 600
     init: str = "grid"  # "grid" (structured) or "random"
     init_scale: float = 1.5  # start with this many times num_splats, prune down to num_splats
@@ -222,56 +221,80 @@ def _prune(raw, live, adam: _Adam, keep: int, threshold: float):
 
 def fit_splats(
     images,
-    num_splats: int = 400,
+    config: FitConfig | None = None,
     *,
     progress: bool | None = None,
     callback: Callable[[int, list[int], torch.Tensor], None] | None = None,
     backend: str = "auto",
     device: str | torch.device | None = None,
-    **options,
+    **overrides,
 ) -> FitResult:
     """Fit 2D Gaussian splats to images.
 
     Args:
         images: a PIL image, numpy array (HW / HWC), tensor ``[3, H, W]`` / ``[B, 3, H, W]``,
             or a list of those, of any sizes and modes.
-        num_splats: the budget per image.
+        config: the fitter's settings (default: ``FitConfig()``).
         progress: show a progress bar (default: when writing to a terminal).
         callback: ``callback(step, image_indices, psnr)`` after every Adam step of a batch,
             with the PSNR of that step's (unclamped) render per image of the batch; for
             PSNR-vs-iteration curves.
         backend: renderer, "auto", "kernel" or "reference".
-        device: where to fit (default: CPU); the results come back on the CPU. The loop makes
-            no host synchronisation, so a GPU fit runs ahead of Python.
-        **options: any :class:`FitConfig` field (iterations, init, lr_*, prune_*, seed, ...).
+        device: where to fit (default: the device of a tensor input, else the CPU); the results
+            stay there. The loop makes no host synchronisation, so a GPU fit runs ahead of Python.
+        **overrides: :class:`FitConfig` fields replacing those of ``config`` (num_splats,
+            iterations, init, lr_*, prune_*, seed, ...).
 
     Returns:
-        ``FitResult(splats [B, num_splats, 8], psnr [B])``: zero rows pad images for which
-        pruning left fewer splats. Deterministic for a given seed.
+        ``FitResult(splats [B, num_splats, 8], psnr [B])`` on ``device``: zero rows pad images
+        for which pruning left fewer splats. Deterministic for a given seed.
     """
-    field_names = {f.name for f in dataclasses.fields(FitConfig)}
-    unknown = sorted(set(options) - field_names)
-    if unknown:
-        raise ValueError(f"unknown fit option(s) {unknown}; valid: {sorted(field_names)}")
-    cfg = FitConfig(num_splats=num_splats, **options)
-    targets = to_rgb_tensors(images)
-    device = torch.device(device or "cpu")
+    cfg = _resolve_config(config, overrides)
+    if device is None:
+        first = images[0] if isinstance(images, (list, tuple)) and images else images
+        device = first.device if isinstance(first, torch.Tensor) else "cpu"
+    device = torch.device(device)
+    if isinstance(images, torch.Tensor) and images.dim() == 4:  # one batch: keep it whole
+        batch = to_rgb_batch(images)
+        groups = {tuple(batch.shape[-2:]): (list(range(len(batch))), batch)}
+    else:
+        groups = {}
+        for index, image in enumerate(to_rgb_tensors(images)):
+            groups.setdefault(tuple(image.shape[-2:]), ([], []))
+            groups[tuple(image.shape[-2:])][0].append(index)
+            groups[tuple(image.shape[-2:])][1].append(image)
+        groups = {size: (indices, torch.stack(tensors)) for size, (indices, tensors) in groups.items()}
+    count = sum(len(indices) for indices, _ in groups.values())
 
-    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, image in enumerate(targets):
-        by_size[tuple(image.shape[-2:])].append(index)
-    splats = torch.zeros(len(targets), cfg.num_splats, SPLAT_CHANNELS)
-    quality = torch.zeros(len(targets))
-    total = len(targets) * cfg.iterations
+    splats = torch.zeros(count, cfg.num_splats, SPLAT_CHANNELS, device=device)
+    quality = torch.zeros(count, device=device)
     disable = None if progress is None else not progress  # None: only on a terminal
+    bar = tqdm(total=count * cfg.iterations, disable=disable, unit="img-it",
+               desc=f"fit {cfg.num_splats}")
     # Fitting differentiates the render whatever the caller's mode (models fit under no_grad).
-    with tqdm(total=total, disable=disable, unit="img-it", desc=f"fit {cfg.num_splats}") as bar, \
-            torch.enable_grad():
-        for indices in by_size.values():
+    with bar, torch.enable_grad():
+        for indices, targets in groups.values():
             for start in range(0, len(indices), cfg.batch_size):
                 chunk = indices[start : start + cfg.batch_size]
-                batch = torch.stack([targets[i] for i in chunk]).to(device)
+                batch = targets[start : start + cfg.batch_size].to(device)
                 fitted, q = _fit_batch(batch, cfg, backend, bar, callback, chunk)
-                splats[chunk, : fitted.shape[1]] = fitted.cpu()
-                quality[chunk] = q.cpu()
+                rows = torch.tensor(chunk, device=device)
+                splats[rows, : fitted.shape[1]] = fitted
+                quality[rows] = q
     return FitResult(splats, quality)
+
+
+def _resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:
+    """``config`` with ``overrides`` applied; FitConfig validates the result."""
+    if config is None:
+        config = FitConfig()
+    elif not isinstance(config, FitConfig):
+        raise TypeError(
+            f"config must be a FitConfig or None, got {type(config).__name__}: pass the budget "
+            f"as fit_splats(images, num_splats={config!r})"
+        )
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown fit option(s) {unknown}; valid: {sorted(names)}")
+    return dataclasses.replace(config, **overrides)

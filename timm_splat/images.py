@@ -72,28 +72,45 @@ def _to_rgb(chw: torch.Tensor, shape) -> torch.Tensor:
     return chw
 
 
-def _from_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
-    if tensor.dim() == 3:
-        tensors = [tensor]
-    elif tensor.dim() == 4:
-        tensors = list(tensor.unbind(0))
-    elif tensor.dim() == 2:
-        tensors = [tensor.unsqueeze(0)]
-    else:
+def _from_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``[3, H, W]`` / ``[B, 3, H, W]`` (or one / four channels) -> float32 ``[B, 3, H, W]``."""
+    if tensor.dim() == 2:
+        tensor = tensor[None, None]
+    elif tensor.dim() == 3:
+        tensor = tensor[None]
+    elif tensor.dim() != 4:
         raise ValueError(f"image tensors must be [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}")
     # One check for the whole batch: on a GPU each check is a host sync.
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ValueError("image tensor contains NaN or infinite values")
-    out = []
-    for chw in tensors:
-        if chw.dtype == torch.uint8:
-            chw = chw.float() / 255.0
-        elif chw.dtype == torch.bool or chw.is_floating_point():
-            chw = chw.float()
-        else:
-            raise ValueError(f"image tensors must be uint8 or float, got {chw.dtype}")
-        out.append(_to_rgb(chw, tensor.shape))
-    return out
+    if tensor.dtype == torch.uint8:
+        batch = tensor.float() / 255.0
+    elif tensor.dtype == torch.bool or tensor.is_floating_point():
+        batch = tensor.float()
+    else:
+        raise ValueError(f"image tensors must be uint8 or float, got {tensor.dtype}")
+    channels = batch.shape[1]
+    if channels == 1:
+        batch = batch.expand(-1, 3, -1, -1)
+    elif channels == 4:
+        batch = batch[:, :3]
+    elif channels != 3:
+        raise ValueError(
+            f"images need 1, 3 or 4 channels (grey, RGB, RGBA), got {channels} in shape "
+            f"{tuple(tensor.shape)}"
+        )
+    if batch.shape[-1] == 0 or batch.shape[-2] == 0:
+        raise ValueError(f"empty image: shape {tuple(tensor.shape)}")
+    return batch.contiguous()
+
+
+def to_rgb_batch(images: torch.Tensor) -> torch.Tensor:
+    """A tensor batch ``[B, C, H, W]`` (or one image) as float32 RGB ``[B, 3, H, W]``, on its
+    device and without splitting it into images."""
+    try:
+        return _from_tensor(images)
+    except ValueError as error:
+        raise ValueError(f"images: {error}") from None
 
 
 def to_rgb_tensors(images: Any) -> list[torch.Tensor]:
@@ -108,7 +125,7 @@ def to_rgb_tensors(images: Any) -> list[torch.Tensor]:
     for index, item in enumerate(items):
         try:
             if isinstance(item, torch.Tensor):
-                converted = _from_tensor(item)
+                converted = list(_from_tensor(item).unbind(0))
             elif isinstance(item, np.ndarray):
                 converted = [_from_numpy(item)]
             elif Image is not None and isinstance(item, Image.Image):

@@ -1,7 +1,8 @@
 """The renderer op: ``splats [..., N, 8] -> image [..., 3, H, W]``, kernel or reference.
 
 The kernels are PyTorch custom ops (``torch.ops.timm_splat.render_forward`` / ``_backward``,
-defined in csrc/); autograd and fake-tensor rules are registered here so autograd and
+defined in csrc/ and loaded by :mod:`.extension`, which imports nothing of ours); autograd and
+fake-tensor rules are registered here, the first time a kernel is used, so autograd and
 ``torch.compile`` see through them.
 """
 
@@ -47,9 +48,17 @@ def register_autograd() -> None:
     _registered = True
 
 
+def _load_kernels() -> bool:
+    """Load the compiled ops (once) and attach their autograd rules; False: use the reference."""
+    if not extension.load():
+        return False
+    register_autograd()
+    return True
+
+
 def kernel_supports(splats: torch.Tensor) -> bool:
     """True when a compiled kernel exists for this tensor's device and dtype."""
-    if splats.dtype not in (torch.float32, torch.float64) or not extension.load():
+    if splats.dtype not in (torch.float32, torch.float64) or not _load_kernels():
         return False
     if splats.device.type == "cuda":
         return extension.cuda_kernels_loaded()

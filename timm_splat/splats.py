@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 SPLAT_CHANNELS = 8
+# The splat budget per image when nobody says otherwise (the paper's N=400, 23.5x compression
+# of a 224x224 image). Every default in the package refers to this one constant.
+DEFAULT_NUM_SPLATS = 400
 CHANNEL_NAMES = ("x", "y", "l11", "l21", "l22", "r", "g", "b")
 XY = slice(0, 2)
 CHOLESKY = slice(2, 5)

@@ -89,7 +89,7 @@ class SplatTransform:
         crop_pct: the crop's share of the resized image (timm's convention): the shorter side is
             resized to ``image_size / crop_pct``. 1.0 keeps the whole shorter side.
         interpolation: "bicubic", "bilinear", "nearest" or "nearest-exact" (antialiased).
-        device: where to fit (default: CPU); results always come back on the CPU.
+        device: where to fit (default: CPU); fitted splats stay there.
         crop_mode: "center" (keep aspect ratio) or "squash" (resize each side to
             ``image_size / crop_pct``, then crop), as in timm.
         **fit_options: any :class:`~timm_splat.fitting.FitConfig` field (iterations, seed, ...),
@@ -162,7 +162,7 @@ class SplatTransform:
         return cls(**kwargs)
 
     def __call__(self, img) -> torch.Tensor:
-        """``img`` (see :meth:`image_transform`) -> float32 splats ``[num_splats, 8]`` (CPU)."""
+        """``img`` (see :meth:`image_transform`) -> float32 splats ``[num_splats, 8]``."""
         pixels = self.image_transform(img)
         if _is_splats(pixels):
             return pixels
@@ -197,11 +197,11 @@ class SplatTransform:
             raise ValueError("collate: empty tuple sample; expected (pixels, label, ...)")
         # image_transform is a cheap no-op on its own outputs and makes raw images work too.
         items = [self.image_transform(s[0] if t else s) for s, t in zip(batch, tupled)]
-        splats = torch.zeros(len(items), self.num_splats, SPLAT_CHANNELS)
+        splats = torch.zeros(len(items), self.num_splats, SPLAT_CHANNELS, device=self.device)
         to_fit = []
         for index, item in enumerate(items):
             if _is_splats(item):
-                splats[index] = item
+                splats[index] = item.to(splats.device)
             else:
                 to_fit.append(index)
         if to_fit:  # one call: fit_splats batches same-size images through its batched kernels
@@ -228,7 +228,7 @@ class SplatTransform:
 
     def _fit(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         result = fit_splats(
-            pixels, self.num_splats, progress=False, device=self.device, **self.fit_options
+            pixels, num_splats=self.num_splats, progress=False, device=self.device, **self.fit_options
         )
         return result.splats.to(torch.float32)
 

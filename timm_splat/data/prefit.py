@@ -637,9 +637,9 @@ def prefit(
 
 def _fit_batch(good: list, num_splats: int, device, fit_options: dict) -> list[_Row]:
     """One fit_splats call for the batch (its own batch size, so one kernel batch)."""
-    fitted = fit_splats(torch.stack([pixels for _, pixels in good]), num_splats,
+    fitted = fit_splats(torch.stack([pixels for _, pixels in good]), num_splats=num_splats,
                         progress=False, device=device, **dict(fit_options, batch_size=len(good)))
-    half = fitted.splats.to(torch.float16)
+    half = fitted.splats.to("cpu", torch.float16)
     real = splat_count(half).tolist()  # counted as stored: fp16 is what readers get
     return [_Row(item.index, item.source_id, item.label, item.caption, splats, psnr, count)
             for (item, _), splats, psnr, count in zip(good, half.numpy(), fitted.psnr.tolist(),

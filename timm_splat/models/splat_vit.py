@@ -72,7 +72,7 @@ class SplatVisionTransformer(VisionTransformer):
                 "with the model's data config (timm.data.resolve_model_data_config(model)), or "
                 "call model.set_pixel_normalization(mean, std) with what you used"
             )
-        fitted = fit_splats(images.clamp(0, 1), self.num_splats, progress=False,
+        fitted = fit_splats(images.clamp(0, 1), num_splats=self.num_splats, progress=False,
                             device=pixels.device, **self.fit_options)
         return fitted.splats.to(pixels.device)
 
