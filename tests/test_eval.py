@@ -14,10 +14,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import timm_splat
-from timm_splat import benchmark
-from timm_splat.eval import (build_loader, evaluate_zero_shot, load_classnames, load_templates,
-                             main, zero_shot_classifier)
+from timm_splat import cli
+from timm_splat.cli import clip_benchmark as benchmark
+from timm_splat.data import labelled_loader as build_loader
+from timm_splat.evaluation import (evaluate_zero_shot, load_classnames, load_templates,
+                                   zero_shot_classifier)
 from timm_splat.samples import sample_photos
+
+
+def main(argv):
+    return cli.main(["eval", *argv])
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 CLASSNAMES = ["astronaut", "coffee", "cat", "rocket", "motorcycle", "retina", "dog", "car"]

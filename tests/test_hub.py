@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_splat  # noqa: F401  (registers the splat models)
 from conftest import random_splats
-from timm_splat import hub
+from timm_splat import cli, hub
 
 REPO_FILES = {"config.json", "model.safetensors", "open_clip_config.json",
               "open_clip_model.safetensors", "README.md"}
@@ -78,7 +78,7 @@ def test_hub_round_trip_through_timm_and_open_clip(clip, saved, tmp_path):
     splats = random_splats(3, 40, dtype=torch.float32)
     save_file({"splats": splats}, str(tmp_path / "splats.safetensors"))
     code = f"""
-import torch, timm, open_clip, timm_splat, timm_splat.hub
+import torch, timm, open_clip, timm_splat, timm_splat.hub, timm_splat.models
 from safetensors.torch import load_file, save_file
 splats = load_file({str(tmp_path / 'splats.safetensors')!r})["splats"]
 out = {{}}
@@ -90,7 +90,7 @@ with torch.no_grad():
     out["image"] = model.eval().encode_image(splats)
     out["text"] = model.encode_text(tokens)
     out["tokens"] = tokens
-    loaded, info = timm_splat.hub.load_clip("hf-hub:org/splat-test")
+    loaded, info = timm_splat.models.load_clip("hf-hub:org/splat-test")
     out["loaded"] = loaded.encode_image(splats)
     small = timm.create_model("hf-hub:org/splat-timm", pretrained=True).eval()
     out["small"] = small(splats)
@@ -159,7 +159,7 @@ def test_push_refuses_pickles(saved, tmp_path):
 
 @pytest.fixture
 def run_dir(clip, tmp_path):
-    """A training run directory as timm_splat.train leaves it."""
+    """A training run directory as timm_splat.training leaves it."""
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(final / "model.safetensors"))
@@ -179,7 +179,7 @@ def test_push_run(clip, run_dir, tmp_path):
     assert "ViT-B-16 datacomp_xl_s13b_b90k" in card and "| top1 | 0.5 |" in card
     # the CLI's --folder-only writes the same folder and pushes nothing
     out = tmp_path / "folder"
-    assert hub.main([str(run_dir), "org/run", "--folder-only", str(out)]) == 0
+    assert cli.main(["push", str(run_dir), "org/run", "--folder-only", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == REPO_FILES
     assert torch.equal(load_file(out / "open_clip_model.safetensors")["logit_scale"], clip.logit_scale)
-    assert hub.main([str(tmp_path / "nowhere"), "org/run", "--folder-only", str(out)]) == 2
+    assert cli.main(["push", str(tmp_path / "nowhere"), "org/run", "--folder-only", str(out)]) == 2

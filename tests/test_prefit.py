@@ -19,7 +19,7 @@ from PIL import ImageOps
 from torch.utils.data import DataLoader
 
 from timm_splat.data import collate_prefit, load_prefit, open_source
-from timm_splat.prefit import main
+from timm_splat import cli
 from timm_splat.samples import sample_photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +27,10 @@ SPLIT = "validation"
 CLASSES = ("cat", "dog", "fish")
 # 200 iterations: still ~1 s for all 12 images, and slow enough to kill a run between shards.
 FIT = ["--num-splats", "16", "--image-size", "32", "--iterations", "200", "--no-progress"]
+
+
+def main(argv):
+    return cli.main(["prefit", *argv])
 
 
 def run_args(dataset, out, *extra):
@@ -129,7 +133,7 @@ def test_folder_prefit_loads_back(baseline, expected, tmp_path):
 def test_kill9_then_resume_gives_the_uninterrupted_result(image_folder, baseline, tmp_path):
     out = tmp_path / "out"
     args = run_args(image_folder, out, "--shard-size", "2", "--batch-size", "1")
-    child = subprocess.Popen([sys.executable, "-m", "timm_splat.prefit", *args],
+    child = subprocess.Popen([sys.executable, "-m", "timm_splat", "prefit", *args],
                              env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not list((out / "data").glob("*.parquet")) and child.poll() is None:
@@ -174,7 +178,7 @@ def test_two_ranks_split_the_work(image_folder, baseline, tmp_path):
     args = run_args(image_folder, out, "--shard-size", "2", "--batch-size", "2")
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "timm_splat.prefit", *args],
+            [sys.executable, "-m", "timm_splat", "prefit", *args],
             env=child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                           LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -313,7 +317,8 @@ class RecordingHubApi:
 
 
 def test_hub_uploader_creates_the_repo_once_and_sends_each_file(image_folder, tmp_path):
-    from timm_splat.data import HubUploader, prefit
+    from timm_splat.data import prefit
+    from timm_splat.hub import HubUploader
 
     uploader = HubUploader("org/splats")
     uploader.api = RecordingHubApi()

@@ -50,7 +50,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def run_train(*args):
-    result = subprocess.run([sys.executable, "-m", "timm_splat.train", *args],
+    result = subprocess.run([sys.executable, "-m", "timm_splat", "train", *args],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -99,7 +99,7 @@ def test_resume_gives_the_same_next_step(tmp_path, captioned_folder, teacher_dir
 
 
 def test_distill_needs_a_teacher(tmp_path, captioned_folder):
-    result = subprocess.run([sys.executable, "-m", "timm_splat.train", "--stage", "distill",
+    result = subprocess.run([sys.executable, "-m", "timm_splat", "train", "--stage", "distill",
                              "--train-data", str(captioned_folder), "--output", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "needs --teacher" in result.stderr
@@ -111,7 +111,7 @@ def test_two_processes_split_an_epoch(tmp_path, captioned_folder):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     run = tmp_path / "run"
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "timm_splat.train",
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "timm_splat", "train",
          "--stage", "clip", "--train-data", str(captioned_folder), "--output", str(run),
          "--epochs", "1", "--record-samples", *TINY, "--batch-size", "2"],
         capture_output=True, text=True, timeout=600)

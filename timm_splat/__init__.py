@@ -3,21 +3,28 @@
 from .fitting import FitConfig, FitResult, fit_splats, psnr
 from .ops import render_splats
 from .splats import (
+    DEFAULT_NUM_SPLATS,
     compression_ratio,
     from_fp16_bytes,
     load_splats,
     luminance,
+    pad_splats,
     save_splats,
     splat_count,
     splat_mask,
     to_fp16_bytes,
 )
+from .version import __version__
 
 try:  # the models register themselves in timm (and open_clip) on import
-    from .models import SplatVisionTransformer, create_model_and_transforms, freeze, from_rgb
+    from .models import (
+        SplatVisionTransformer,
+        create_model_and_transforms,
+        freeze,
+        from_rgb,
+        load_clip,
+    )
     from .transforms import SplatTransform
 except ModuleNotFoundError as error:  # fitting and the kernels need torch alone
     if (error.name or "").split(".")[0] not in ("timm", "torchvision"):
         raise
-
-__version__ = "0.1.0"

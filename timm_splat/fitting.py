@@ -249,7 +249,7 @@ def fit_splats(
         ``FitResult(splats [B, num_splats, 8], psnr [B])`` on ``device``: zero rows pad images
         for which pruning left fewer splats. Deterministic for a given seed.
     """
-    cfg = _resolve_config(config, overrides)
+    cfg = resolve_config(config, overrides)
     if device is None:
         first = images[0] if isinstance(images, (list, tuple)) and images else images
         device = first.device if isinstance(first, torch.Tensor) else "cpu"
@@ -284,7 +284,7 @@ def fit_splats(
     return FitResult(splats, quality)
 
 
-def _resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:
+def resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:
     """``config`` with ``overrides`` applied; FitConfig validates the result."""
     if config is None:
         config = FitConfig()

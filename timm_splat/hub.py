@@ -14,41 +14,39 @@ so that, after ``import timm_splat``::
 For a CLIP the timm model is the vision trunk with the CLIP projection as its classifier head
 (a Linear with a zero bias), so timm gives the image embedding (before L2 normalisation). The
 splat budget travels in timm's ``model_args`` (``num_splats``) and in a ``timm_splat`` block of
-``open_clip_config.json`` (open_clip itself has no field for it; :func:`load_clip` reads it).
+``open_clip_config.json`` (open_clip itself has no field for it;
+:func:`timm_splat.models.load_clip` reads it).
 
 ``timm-splat push RUN_DIR REPO_ID`` publishes a training run (``final/model.safetensors`` +
-``final/run.json``, written by :mod:`timm_splat.train`).
+``final/run.json``, written by :mod:`timm_splat.training`); dataset uploaders send pre-fitted
+shards (:func:`timm_splat.data.prefit`) to a dataset repo as they finish.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
+import os
 import re
-import sys
+import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from .resources import card_template
+
+logger = logging.getLogger(__name__)
+
 TIMM_CONFIG = "config.json"
 TIMM_WEIGHTS = "model.safetensors"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 CARD = "README.md"
 # Pickle-based checkpoint formats: never published (loading one runs arbitrary code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def card_template(name: str) -> Path | None:
-    """A card template from hub/: the checkout's, or the copy a wheel carries (timm_splat/cards)."""
-    package = Path(__file__).resolve().parent
-    for folder in (package.parent / "hub", package / "cards"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 CARD_TEMPLATE = card_template("model_card.md")
@@ -86,8 +84,9 @@ def _timm_export(model, trunk, num_splats: int):
     """A fresh timm model, built from the arguments config.json will hold, with ``model``'s
     weights: what ``timm.create_model("hf-hub:...", pretrained=True)`` will rebuild."""
     import timm
-    from timm.layers import QuickGELU
     from timm.models import PretrainedCfg
+
+    from .models import uses_quick_gelu
 
     arch = trunk.pretrained_cfg.get("architecture")
     if not arch or not timm.is_model(arch):
@@ -96,7 +95,7 @@ def _timm_export(model, trunk, num_splats: int):
             "with timm.create_model('splat_vit_*') or open_clip's splat-ViT-* configs"
         )
     args = {k: v for k, v in getattr(trunk, "_model_args", {}).items() if k not in _RUNTIME_ARGS}
-    if isinstance(trunk.blocks[0].mlp.act, QuickGELU):  # from_rgb of OpenAI weights swaps it in
+    if uses_quick_gelu(trunk):  # from_rgb of OpenAI weights swaps it in
         args["act_layer"] = "quick_gelu"
     state = dict(trunk.state_dict())
     if trunk is model:
@@ -133,7 +132,7 @@ def _save_open_clip(model, folder: Path, name: str, num_splats: int) -> None:
     import open_clip
     from safetensors.torch import save_file
 
-    from .models.clip import CONFIG_DIR
+    from .models.clip import CONFIG_DIR, OPEN_CLIP_CONFIG
 
     if not (CONFIG_DIR / f"{name}.json").is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -141,7 +140,7 @@ def _save_open_clip(model, folder: Path, name: str, num_splats: int) -> None:
     config = {
         "model_cfg": json.loads((CONFIG_DIR / f"{name}.json").read_text()),
         "preprocess_cfg": dict(open_clip.get_model_preprocess_cfg(model)),
-        # open_clip ignores unknown top-level keys; timm_splat.hub.load_clip reads this one.
+        # open_clip ignores unknown top-level keys; timm_splat.models.load_clip reads this one.
         "timm_splat": {"model_name": name, "num_splats": num_splats},
     }
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -261,7 +260,7 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, commit_message: 
     if api is None:
         from huggingface_hub import HfApi
 
-        from . import __version__
+        from .version import __version__
 
         api = HfApi(token=token, library_name="timm-splat", library_version=__version__)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -270,107 +269,14 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, commit_message: 
                              commit_message=commit_message or "Add timm-splat model")
 
 
-# ---------------------------------------------------------------------------- loading
-
-def _strip_prefixes(state: dict) -> dict:
-    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every key.
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _resolve_local(path: Path) -> tuple[Path, dict]:
-    """A run dir / final dir / weights file -> (weights file, run.json contents or {})."""
-    if path.is_dir():
-        for weights in (path / "final" / "model.safetensors", path / "model.safetensors"):
-            if weights.is_file():
-                path = weights
-                break
-        else:
-            raise ValueError(f"{path}: no final/model.safetensors or model.safetensors "
-                             "(a training run directory, or a saved Hub folder)")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: weights must be a .safetensors file (pickle checkpoints are "
-                         "not loaded)")
-    run_file = path.parent / "run.json"
-    return path, json.loads(run_file.read_text()) if run_file.is_file() else {}
-
-
-def load_clip(pretrained=None, model_name: str | None = None, *, num_splats: int | None = None,
-              device="cpu"):
-    """A splat CLIP and what is known about it: ``(model, info)`` in eval mode.
-
-    ``pretrained``: ``hf-hub:org/repo``, a local Hub folder (``open_clip_config.json``), a
-    training run directory (``final/model.safetensors`` + ``final/run.json``), a
-    ``.safetensors`` state dict, or None (random weights, for smoke tests). ``model_name``: the
-    ``splat-ViT-*`` config (read from run.json / the Hub config when there). ``num_splats``
-    overrides the stored budget. ``info``: ``model`` (config name), ``num_splats``,
-    ``tokenizer`` (the name for ``open_clip.get_tokenizer``) and ``run`` (run.json or {})."""
-    import open_clip
-    from safetensors.torch import load_file
-
-    from .models.clip import register_open_clip_configs, splat_trunk
-
-    register_open_clip_configs()
-    run, stored = {}, {}
-    pretrained = None if pretrained is None else str(pretrained)
-    local = Path(pretrained) if pretrained and not pretrained.startswith("hf-hub:") else None
-    if pretrained and (local is None or (local / OPEN_CLIP_CONFIG).is_file()):
-        # A published model: open_clip reads its config and weights (also from a local folder).
-        source = pretrained if local is None else f"local-dir:{local}"
-        model = open_clip.create_model(source, device=device)
-        if local is None:
-            from huggingface_hub import hf_hub_download
-
-            config_file = hf_hub_download(pretrained.removeprefix("hf-hub:"), OPEN_CLIP_CONFIG)
-        else:
-            config_file = local / OPEN_CLIP_CONFIG
-        stored = json.loads(Path(config_file).read_text()).get("timm_splat", {})
-        name, tokenizer = stored.get("model_name"), source
-        if model_name and name and model_name != name:
-            raise ValueError(f"{pretrained} holds a {name}, not a {model_name}")
-    else:
-        weights = None
-        if local is not None:
-            if not local.exists():
-                raise ValueError(f"--pretrained {pretrained}: no such file or directory")
-            weights, run = _resolve_local(local)
-        name = run.get("model") or model_name
-        if model_name and name != model_name:
-            raise ValueError(f"{pretrained} was trained as {name}, not {model_name}")
-        if not name:
-            raise ValueError("say which model: a model name (splat-ViT-...) or a run directory "
-                             "whose run.json names it")
-        model = open_clip.create_model(name)
-        trunk = splat_trunk(model)
-        if trunk is None:
-            raise ValueError(f"{name!r} is not a splat model: use a splat-ViT-* config")
-        if run.get("quick_gelu"):
-            from timm.layers import QuickGELU
-
-            for block in trunk.blocks:
-                block.mlp.act = QuickGELU()
-        if weights is not None:
-            model.load_state_dict(_strip_prefixes(load_file(str(weights))), strict=True)
-        model.to(device)
-        tokenizer = name
-    trunk = splat_trunk(model)
-    if trunk is None:
-        raise ValueError(f"{pretrained} is not a splat model")
-    budget = int(num_splats or run.get("num_splats") or stored.get("num_splats") or trunk.num_splats)
-    trunk.num_splats = trunk.pretrained_cfg["num_splats"] = budget
-    info = {"model": name, "num_splats": budget, "tokenizer": tokenizer, "run": run,
-            "pretrained": pretrained}
-    return model.eval(), info
-
-
 def push_run(run_dir, repo_id: str, *, private: bool = False, folder=None, push: bool = True,
              api=None, token: str | None = None, commit_message: str | None = None) -> Path | None:
     """Publish a training run: build its model (open_clip, no pretrained weights), load
     ``final/model.safetensors``, :func:`save_pretrained` it (into ``folder``, else a temporary
     folder) with run.json's budget, metrics and data, and push it unless ``push`` is False.
     Returns ``folder`` (None when it was temporary)."""
+    from .models.factory import load_clip
+
     model, info = load_clip(run_dir)
     run = info["run"]
     base_model = run.get("base_model")
@@ -396,43 +302,51 @@ def push_run(run_dir, repo_id: str, *, private: bool = False, folder=None, push:
     return None
 
 
-# -------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------ uploading datasets
 
-def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``push`` subcommand's arguments (for ``timm-splat push``)."""
-    parser.add_argument("run_dir", help="training run directory (final/model.safetensors + run.json)")
-    parser.add_argument("repo_id", help="Hub repo, e.g. timm-splat/splat_vit_b16.gs400_datacomp")
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--folder-only", metavar="OUT",
-                        help="write the repo folder to OUT and do not push")
-    parser.add_argument("--folder", metavar="DIR",
-                        help="keep the pushed repo folder in DIR (default: a temporary folder)")
-    parser.add_argument("--commit-message", default=None)
-    parser.set_defaults(func=run_cli)
-    return parser
+class HubUploader:
+    """Uploads each file as it is finished to a Hub dataset repo (created on first use).
 
+    One commit per shard: ``datasets.Dataset.push_to_hub`` would replace the whole split, and
+    a crash would lose what was uploaded."""
 
-def run_cli(args) -> int:
-    if args.folder_only:
-        folder = push_run(args.run_dir, args.repo_id, folder=args.folder_only, push=False)
-        print(f"wrote {sorted(p.name for p in folder.iterdir())} to {folder} (not pushed)")
-        return 0
-    push_run(args.run_dir, args.repo_id, private=args.private, folder=args.folder,
-             commit_message=args.commit_message)
-    print(f"pushed {args.run_dir} to https://huggingface.co/{args.repo_id}")
-    return 0
+    def __init__(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                 retries: int = 4):
+        from huggingface_hub import HfApi
 
+        self.repo_id, self.private, self.target = repo_id, private, f"hf://datasets/{repo_id}"
+        self.api = HfApi(token=token)
+        self.retries = retries
+        self._created = False
 
-def main(argv: list[str] | None = None) -> int:
-    parser = configure_parser(argparse.ArgumentParser(
-        prog="timm-splat push", description="publish a training run on the Hugging Face Hub"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileExistsError) as exc:
-        print(f"timm-splat push: error: {exc}", file=sys.stderr)
-        return 2
+    def __call__(self, local_path: Path, path_in_repo: str) -> None:
+        if not self._created:
+            self.api.create_repo(self.repo_id, repo_type="dataset", private=self.private,
+                                 exist_ok=True)
+            self._created = True
+        for attempt in range(self.retries + 1):
+            try:
+                self.api.upload_file(path_or_fileobj=str(local_path), path_in_repo=path_in_repo,
+                                     repo_id=self.repo_id, repo_type="dataset",
+                                     commit_message=f"timm-splat prefit: {path_in_repo}")
+                return
+            except OSError as exc:  # HTTP errors are OSErrors; ranks' commits can collide
+                if attempt == self.retries:
+                    raise
+                logger.warning("upload of %s failed (%s); retrying", path_in_repo, exc)
+                time.sleep(5 * 2**attempt)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+class DirectoryUploader:
+    """``--dry-run-push DIR``: copies what would be uploaded into ``DIR``, laid out as the repo."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.target = str(self.root.resolve())
+
+    def __call__(self, local_path: Path, path_in_repo: str) -> None:
+        dest = self.root / path_in_repo
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, dest)

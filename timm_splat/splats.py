@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SPLAT_CHANNELS = 8
 # The splat budget per image when nobody says otherwise (the paper's N=400, 23.5x compression
@@ -103,6 +104,29 @@ def pack_real_first(splats: torch.Tensor) -> torch.Tensor:
     order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
     packed = torch.gather(splats, -2, order.unsqueeze(-1).expand_as(splats))
     return packed * splat_mask(packed).unsqueeze(-1).to(packed.dtype)
+
+
+def pad_splats(sets, num_splats: int | None = None) -> torch.Tensor:
+    """Stack splat sets ``[n_i, 8]`` (any float dtype, e.g. fp16 rows of a pre-fitted dataset)
+    into float32 ``[B, N, 8]``, padding each with zero rows (the padding convention) to
+    ``num_splats``, or else to the longest set."""
+    sets = [torch.as_tensor(s) for s in sets]
+    if not sets:
+        raise ValueError("pad_splats takes at least one splat set")
+    for s in sets:
+        if s.dim() != 2 or s.shape[-1] != SPLAT_CHANNELS:
+            raise ValueError(f"expected splats [N, {SPLAT_CHANNELS}] per set, got {tuple(s.shape)}")
+    sets = [s.float() for s in sets]
+    longest = max(len(s) for s in sets)
+    if num_splats is not None and longest > num_splats:
+        real = max(int(splat_count(s)) for s in sets)
+        raise ValueError(
+            f"got {longest} pre-fitted splat rows ({real} real) but num_splats={num_splats}: "
+            f"use num_splats >= {longest}, or drop padding rows first (pack_real_first moves "
+            "them to the end)"
+        )
+    width = longest if num_splats is None else num_splats
+    return torch.stack([F.pad(s, (0, 0, 0, width - len(s))) for s in sets])
 
 
 def save_splats(path, splats: torch.Tensor, **metadata) -> None:

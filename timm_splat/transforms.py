@@ -17,7 +17,6 @@ pre-fitted dataset works with the same pipeline.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import operator
@@ -25,19 +24,16 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .fitting import FitConfig, fit_splats
+from .fitting import fit_splats, resolve_config
 from .images import Image, to_rgb_tensors
-from .splats import SPLAT_CHANNELS, check_splats, splat_count
+from .splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS, check_splats, pad_splats
 
-DEFAULT_NUM_SPLATS = 400
 # What timm uses when a config has no crop_pct (timm.data.DEFAULT_CROP_PCT).
 TIMM_DEFAULT_CROP_PCT = 0.875
-FIT_OPTIONS = tuple(f.name for f in dataclasses.fields(FitConfig) if f.name != "num_splats")
 # The modes torchvision can resize float tensors with (box / hamming / lanczos are PIL-only).
 INTERPOLATIONS = {
     m.value: m
@@ -123,10 +119,8 @@ class SplatTransform:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
         self.crop_mode = crop_mode
         self.device = None if device is None else torch.device(device)
-        unknown = sorted(set(fit_options) - set(FIT_OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown fit option(s) {unknown}; valid: {sorted(FIT_OPTIONS)}")
-        FitConfig(num_splats=self.num_splats, **fit_options)  # bad values fail now, not per sample
+        # Bad options fail now, not per sample.
+        self.fit_config = resolve_config(None, dict(fit_options, num_splats=self.num_splats))
         self.fit_options = dict(fit_options)
 
     @classmethod
@@ -136,7 +130,7 @@ class SplatTransform:
         ``cfg``: a splat model (its data config and budget), or a dict:
         ``timm.data.resolve_model_data_config(model)`` or ``model.pretrained_cfg``;
         ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode`` and ``num_splats``
-        (default 400) are read, ``overrides`` (any ``__init__`` argument) win. ``mean`` and
+        (default :data:`~timm_splat.splats.DEFAULT_NUM_SPLATS`) are read, ``overrides`` (any ``__init__`` argument) win. ``mean`` and
         ``std`` are ignored on purpose: splats are fitted to raw [0, 1] colours and the model
         normalises splat features itself.
         """
@@ -227,23 +221,12 @@ class SplatTransform:
     # -- internals ------------------------------------------------------------------------
 
     def _fit(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        result = fit_splats(
-            pixels, num_splats=self.num_splats, progress=False, device=self.device, **self.fit_options
-        )
+        result = fit_splats(pixels, self.fit_config, progress=False, device=self.device)
         return result.splats.to(torch.float32)
 
     def _pad(self, splats: torch.Tensor) -> torch.Tensor:
         check_splats(splats)
-        count = splats.shape[0]
-        if count > self.num_splats:
-            real = int(splat_count(splats))
-            raise ValueError(
-                f"got {count} pre-fitted splat rows ({real} real) but num_splats="
-                f"{self.num_splats}: build the transform with num_splats >= {count}, or drop "
-                "rows first (timm_splat.splats.pack_real_first moves padding rows to the end)"
-            )
-        splats = splats.detach().to("cpu", torch.float32)
-        return F.pad(splats, (0, 0, 0, self.num_splats - count))
+        return pad_splats([splats.detach().cpu()], self.num_splats)[0]
 
     def _to_pixels(self, img) -> torch.Tensor:
         if isinstance(img, torch.Tensor):

@@ -1,29 +1,39 @@
-"""Datasets of splats: image sources, the resumable pre-fit writer and the pre-fitted reader."""
+"""Datasets of splats: image sources, the pre-fitted parquet format (reader and writer), the
+resumable pre-fit run, torch datasets and collate functions."""
 
-from .prefit import (
-    DirectoryUploader,
-    HubUploader,
-    PrefitError,
-    Stats,
-    prefit,
-    prefit_features,
-    write_card,
+from .card import write_card
+from .collate import TrainingCollate, collate_prefit
+from .datasets import (
+    FolderImages,
+    PrefitSplats,
+    StreamedImages,
+    is_image_folder,
+    labelled_loader,
+    open_train_data,
 )
+from .journal import Journal, PrefitError, Stats
+from .prefit import prefit
+from .shards import load_prefit, prefit_features
 from .sources import Item, Source, SourceError, iter_images, open_source
-from .splat_dataset import collate_prefit, load_prefit
 
 __all__ = [
-    "DirectoryUploader",
-    "HubUploader",
+    "FolderImages",
     "Item",
+    "Journal",
     "PrefitError",
+    "PrefitSplats",
     "Source",
     "SourceError",
     "Stats",
+    "StreamedImages",
+    "TrainingCollate",
     "collate_prefit",
+    "is_image_folder",
     "iter_images",
+    "labelled_loader",
     "load_prefit",
     "open_source",
+    "open_train_data",
     "prefit",
     "prefit_features",
     "write_card",

@@ -1,14 +1,16 @@
 """Splat ViTs registered in timm (``splat_vit_*``) and, when open_clip is installed, open_clip
 configs (``splat-ViT-*``); importing :mod:`timm_splat` registers both."""
 
-from .clip import create_model_and_transforms, register_open_clip_configs
-from .convert import freeze, from_rgb
+from .clip import register_open_clip_configs, splat_trunk
+from .convert import STAGES, freeze, from_rgb, set_quick_gelu, uses_quick_gelu
+from .factory import create_model_and_transforms, load_clip
 from .splat_vit import SplatVisionTransformer
 from .stem import GSStem, PerceiverResampler, SplatFeatures
 
 register_open_clip_configs()
 
 __all__ = [
+    "STAGES",
     "GSStem",
     "PerceiverResampler",
     "SplatFeatures",
@@ -16,4 +18,8 @@ __all__ = [
     "create_model_and_transforms",
     "freeze",
     "from_rgb",
+    "load_clip",
+    "set_quick_gelu",
+    "splat_trunk",
+    "uses_quick_gelu",
 ]

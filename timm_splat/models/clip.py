@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
+# open_clip's config file in a Hub repo folder (timm_splat.hub writes it beside timm's).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 _registered = False
 
 
@@ -33,25 +35,3 @@ def splat_trunk(model):
         return model
     trunk = getattr(getattr(model, "visual", None), "trunk", None)
     return trunk if isinstance(trunk, SplatVisionTransformer) else None
-
-
-def create_model_and_transforms(model_name: str, pretrained: str | None = None, **kwargs):
-    """``open_clip.create_model_and_transforms`` whose preprocess is a :class:`SplatTransform`
-    (the same for training and evaluation: splats need no pixel augmentation here).
-
-    ``num_splats`` (optional) overrides the budget of the model's cfg; the rest goes to
-    open_clip. Returns ``(model, preprocess_train, preprocess_val)``."""
-    import open_clip
-
-    from ..transforms import SplatTransform
-
-    register_open_clip_configs()
-    num_splats = kwargs.pop("num_splats", None)
-    model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-    trunk = splat_trunk(model)
-    if trunk is None:
-        raise ValueError(f"{model_name!r} is not a splat model: use a splat-ViT-* config")
-    if num_splats:
-        trunk.num_splats = trunk.pretrained_cfg["num_splats"] = int(num_splats)
-    preprocess = SplatTransform.from_config(trunk)
-    return model, preprocess, preprocess

@@ -11,7 +11,8 @@ from timm.models.vision_transformer import VisionTransformer, _convert_openai_cl
 from torch import nn
 
 from .clip import register_open_clip_configs, splat_trunk
-from .splat_vit import DEFAULT_NUM_SPLATS, SplatVisionTransformer, _cfg
+from ..splats import DEFAULT_NUM_SPLATS
+from .splat_vit import SplatVisionTransformer, _cfg
 
 # open_clip vision towers we can mirror: (width, layers, patch) -> splat config name.
 _CLIP_CONFIGS = {
@@ -124,7 +125,7 @@ def _clip_from_rgb(clip: nn.Module, num_latents: int, num_splats: int):
     register_open_clip_configs()
     student = open_clip.create_model(_CLIP_CONFIGS[key])
     trunk = splat_trunk(student)
-    trunk.num_splats = trunk.pretrained_cfg["num_splats"] = num_splats
+    trunk.num_splats = num_splats
     if num_latents not in (None, trunk.patch_embed.num_patches):
         raise ValueError(
             f"the {_CLIP_CONFIGS[key]} config has {trunk.patch_embed.num_patches} latents, not "

@@ -12,7 +12,6 @@ unchanged (slowly: pre-fit, or use :class:`timm_splat.SplatTransform`, for real 
 
 from __future__ import annotations
 
-import re
 from functools import partial
 
 import torch
@@ -21,11 +20,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..fitting import fit_splats
-from ..splats import SPLAT_CHANNELS
+from ..fitting import fit_splats, resolve_config
+from ..splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS
 from .stem import GSStem
 
-DEFAULT_NUM_SPLATS = 400
 HUB_ORG = "timm-splat"  # where published weights live: hf-hub:timm-splat/<model>.<tag>
 
 
@@ -52,9 +50,24 @@ class SplatVisionTransformer(VisionTransformer):
         super().__init__(embed_layer=stem, **kwargs)
         self.num_splats = num_splats
         self.fit_options = dict(fit_options or {})
+        resolve_config(None, self.fit_options)  # a bad option fails here, not at the first fit
         # What the pixel path undoes: pixels arrive normalised by the model's data config.
         self.register_buffer("pixel_mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_splats(self) -> int:
+        """The splat budget: what pixel inputs are fitted with and what the weights expect.
+        Setting it also records it in ``pretrained_cfg`` (what data configs and the Hub read)."""
+        return self._num_splats
+
+    @num_splats.setter
+    def num_splats(self, value: int) -> None:
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ValueError(f"num_splats must be a positive int, got {value!r}")
+        self._num_splats = int(value)
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            self.pretrained_cfg["num_splats"] = self._num_splats
 
     def set_pixel_normalization(self, mean, std):
         """The mean / std pixel inputs were normalised with (the data config's)."""
@@ -73,8 +86,8 @@ class SplatVisionTransformer(VisionTransformer):
                 "call model.set_pixel_normalization(mean, std) with what you used"
             )
         fitted = fit_splats(images.clamp(0, 1), num_splats=self.num_splats, progress=False,
-                            device=pixels.device, **self.fit_options)
-        return fitted.splats.to(pixels.device)
+                            **self.fit_options)
+        return fitted.splats
 
     def as_splats(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and x.shape[1] == 3:
@@ -111,28 +124,31 @@ def _cfg(**kwargs):
     }
 
 
-def _hub(name: str, tag: str, **kwargs):
-    """A cfg for weights a later release publishes; the tag names the budget (gs400: N = 400)."""
+# The budget each published tag's weights were trained with. timm's PretrainedCfg has no field
+# for it, so it lives here, keyed by "<architecture>.<tag>".
+_BUDGETS: dict[str, int] = {}
+
+
+def _hub(name: str, tag: str, num_splats: int, **kwargs):
+    """A cfg for weights a later release publishes, trained at ``num_splats`` splats."""
+    _BUDGETS[f"{name}.{tag}"] = num_splats
     return _cfg(hf_hub_id=f"{HUB_ORG}/{name}.{tag}", num_classes=512, **kwargs)
 
 
 def budget_of(pretrained_cfg: dict) -> int:
-    """The splat budget a cfg's weights expect: ``gs<N>`` in its tag, else 400.
-
-    timm's ``PretrainedCfg`` has no free field for it, so the tag carries it; the model copies
-    it to ``model.num_splats`` and ``model.pretrained_cfg["num_splats"]``."""
-    match = re.match(r"gs(\d+)", pretrained_cfg.get("tag") or "")
-    return int(match.group(1)) if match else DEFAULT_NUM_SPLATS
+    """The splat budget a cfg's weights expect (DEFAULT_NUM_SPLATS for untrained cfgs)."""
+    key = f"{pretrained_cfg.get('architecture')}.{pretrained_cfg.get('tag')}"
+    return _BUDGETS.get(key, DEFAULT_NUM_SPLATS)
 
 
 default_cfgs = generate_default_cfgs({
     "splat_vit_test.untrained": _cfg(),
     "splat_vit_s16.untrained": _cfg(),
-    "splat_vit_b16.gs400_datacomp": _hub("splat_vit_b16", "gs400_datacomp"),
-    "splat_vit_b16.gs1600_datacomp": _hub("splat_vit_b16", "gs1600_datacomp"),
-    "splat_vit_b16.gs3136_datacomp": _hub("splat_vit_b16", "gs3136_datacomp"),
-    "splat_vit_b32.gs400_datacomp": _hub("splat_vit_b32", "gs400_datacomp"),
-    "splat_vit_l14.gs400_datacomp": _hub("splat_vit_l14", "gs400_datacomp"),
+    "splat_vit_b16.gs400_datacomp": _hub("splat_vit_b16", "gs400_datacomp", 400),
+    "splat_vit_b16.gs1600_datacomp": _hub("splat_vit_b16", "gs1600_datacomp", 1600),
+    "splat_vit_b16.gs3136_datacomp": _hub("splat_vit_b16", "gs3136_datacomp", 3136),
+    "splat_vit_b32.gs400_datacomp": _hub("splat_vit_b32", "gs400_datacomp", 400),
+    "splat_vit_l14.gs400_datacomp": _hub("splat_vit_l14", "gs400_datacomp", 400),
 })
 
 
@@ -143,7 +159,6 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> SplatVisionTran
         feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs,
     )
     model.num_splats = budget or budget_of(model.pretrained_cfg)
-    model.pretrained_cfg["num_splats"] = model.num_splats
     return model
 
 

@@ -6,7 +6,7 @@
 The arguments are clip_benchmark's own (``clip_benchmark eval ...``); this wrapper registers a
 ``splat`` model type in clip_benchmark's loader registry (``clip_benchmark.models.TYPE2FUNC``
 and ``MODEL_TYPES``), makes it the default ``--model_type``, and runs clip_benchmark's CLI.
-``--pretrained`` is what :func:`timm_splat.hub.load_clip` takes (run dir, .safetensors file,
+``--pretrained`` is what :func:`timm_splat.models.load_clip` takes (run dir, .safetensors file,
 saved Hub folder, ``hf-hub:org/repo``). clip_benchmark applies the transform per sample, so
 each image is fitted on its own in the DataLoader workers: slow at full budgets; for ImageNet,
 ``timm-splat eval`` on a pre-fitted dataset is much faster.
@@ -31,9 +31,8 @@ def load_splat(model_name: str, pretrained: str | None = None, cache_dir: str | 
     """clip_benchmark's loader contract: ``(model, transform, tokenizer)``."""
     import open_clip
 
-    from .hub import load_clip
-    from .models.clip import splat_trunk
-    from .transforms import SplatTransform
+    from ..models import load_clip, splat_trunk
+    from ..transforms import SplatTransform
 
     model, info = load_clip(pretrained or None, model_name or None, device=device)
     # Fitting runs in the DataLoader workers (forked processes): keep it on the CPU.

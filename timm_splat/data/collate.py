@@ -1,0 +1,62 @@
+"""DataLoader collate functions: pre-fitted rows into padded splat batches, and the training
+batches of both stages (student splats, teacher pixels, caption tokens)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..splats import pad_splats
+
+
+def collate_prefit(batch: list[dict], target: str = "auto", num_splats: int | None = None):
+    """DataLoader ``collate_fn`` for :func:`~timm_splat.data.load_prefit` rows.
+
+    Returns ``(splats float32 [B, N, 8], labels int64 [B])`` for ``target="label"`` or
+    ``(splats, captions list[str | None])`` for ``target="caption"``. ``"auto"`` picks captions
+    when every row has one and none has a label (a captioned dataset), else labels; pass the
+    target explicitly (``functools.partial``) where a batch could be ambiguous. Rows of
+    different lengths are padded with zero rows to ``num_splats`` (else the longest row)."""
+    if not batch:
+        raise ValueError("collate_prefit takes a non-empty list of rows")
+    if target not in ("auto", "label", "caption"):
+        raise ValueError(f"target must be 'auto', 'label' or 'caption', got {target!r}")
+    splats = pad_splats([row["splats"] for row in batch], num_splats)
+    labels = [int(row.get("label", -1)) for row in batch]
+    captions = [row.get("caption") for row in batch]
+    if target == "auto":
+        labelled = any(label >= 0 for label in labels)
+        target = "caption" if not labelled and all(c is not None for c in captions) else "label"
+    if target == "caption":
+        return splats, captions
+    return splats, torch.tensor(labels, dtype=torch.int64)
+
+
+class TrainingCollate:
+    """Batches for both training stages: student splats (pre-fitted, or all images of the batch
+    fitted in one :meth:`SplatTransform.collate` call), teacher pixels (stage 1) and caption
+    tokens (stage 2)."""
+
+    def __init__(self, splat_transform, teacher_preprocess=None, tokenizer=None):
+        self.splat_transform = splat_transform
+        self.teacher_preprocess = teacher_preprocess
+        self.tokenizer = tokenizer
+
+    def __call__(self, rows):
+        batch = {}
+        for row in rows:  # streamed sources decode here, for this process's samples only
+            if callable(row.get("image")):
+                row["image"] = row["image"]().convert("RGB")
+        transform = self.splat_transform
+        if "splats" in rows[0]:
+            batch["splats"] = torch.stack([transform.image_transform(r["splats"]) for r in rows])
+        else:
+            batch["splats"] = transform.collate([transform.image_transform(r["image"]) for r in rows])
+        if self.teacher_preprocess is not None:
+            if "image" not in rows[0]:
+                raise ValueError("distillation needs the images for the teacher: train on an "
+                                 "image source, not pre-fitted splats")
+            batch["pixels"] = torch.stack([self.teacher_preprocess(r["image"]) for r in rows])
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer([r["caption"] for r in rows])
+        batch["ids"] = [r["id"] for r in rows]  # last: accelerate sizes batches by the first
+        return batch

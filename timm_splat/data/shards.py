@@ -1,0 +1,156 @@
+"""The pre-fitted dataset format, written and read in one place: parquet shards of fp16 splats
+``[N, 8]`` with ``label`` / ``caption`` / ``source_id`` / ``psnr`` columns, the ``datasets``
+Features in each file's schema metadata, ``data/{split}-{rank:05d}-{shard:05d}.parquet``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..splats import SPLAT_CHANNELS
+from .journal import STATE_DIR, Journal, fsync_dir
+
+FORMAT_VERSION = 1
+Uploader = Callable[[Path, str], None]  # (local file, path in the repo)
+
+
+class Row(NamedTuple):
+    index: int
+    source_id: str
+    label: int | None
+    caption: str | None
+    splats: np.ndarray  # [N, 8] float16
+    psnr: float
+    real_splats: int
+
+
+
+def prefit_features(num_splats: int, class_names: list[str] | None = None):
+    """The ``datasets.Features`` of a pre-fitted dataset's rows."""
+    from datasets import Array2D, ClassLabel, Features, Value
+
+    return Features({
+        "splats": Array2D((num_splats, SPLAT_CHANNELS), "float16"),
+        "label": ClassLabel(names=class_names) if class_names else Value("int64"),
+        "caption": Value("string"),
+        "source_id": Value("string"),
+        "psnr": Value("float32"),
+    })
+
+
+class ShardWriter:
+    """Writes rows as the next shard (temp file, fsync, rename), journals it, uploads it."""
+
+    def __init__(self, out: Path, split: str, rank: int, features, journal: Journal,
+                 uploader: Uploader | None):
+        self.out, self.split, self.rank = out, split, rank
+        self.features, self.journal, self.uploader = features, journal, uploader
+        self.tmp_dir = out / STATE_DIR / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        (out / "data").mkdir(parents=True, exist_ok=True)
+
+    def write(self, rows: list[Row], skipped: list) -> None:
+        """Write ``rows`` as the next shard, journal it (with the skipped items before its
+        end) and upload it. ``skipped`` is consumed in place."""
+        import pyarrow.parquet as pq
+        from datasets import Dataset
+
+        shard = self.journal.shards
+        name = f"{self.split}-{self.rank:05d}-{shard:05d}.parquet"
+        columns = {
+            "splats": np.stack([r.splats for r in rows]),
+            "label": [-1 if r.label is None else r.label for r in rows],
+            "caption": [r.caption for r in rows],
+            "source_id": [r.source_id for r in rows],
+            "psnr": np.array([r.psnr for r in rows], dtype=np.float32),
+        }
+        table = Dataset.from_dict(columns, features=self.features).data.table
+        # The "huggingface" schema metadata carries the Features (Array2D, ClassLabel) to readers.
+        table = table.replace_schema_metadata(self.features.arrow_schema.metadata)
+        tmp, final = self.tmp_dir / name, self.out / "data" / name
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        end = rows[-1].index + 1
+        mine = [s for s in skipped if s[0] < end]
+        del skipped[: len(mine)]
+        self.journal.append({
+            "shard": shard, "file": f"data/{name}", "end": end,
+            "indices": [r.index for r in rows], "psnr": [r.psnr for r in rows],
+            "real_splats": sum(r.real_splats for r in rows), "bytes": final.stat().st_size,
+            "skipped": mine,
+        })
+        self.push(shard, f"data/{name}")
+
+    def push(self, shard: int, file: str) -> None:
+        if self.uploader is not None:
+            self.uploader(self.out / file, file)
+            self.journal.append({"pushed": shard, "to": upload_target(self.uploader)})
+
+
+def upload_target(uploader) -> str:
+    return getattr(uploader, "target", None) or repr(uploader)
+
+
+
+
+def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwargs):
+    """A pre-fitted dataset as a ``datasets.Dataset`` in torch format.
+
+    ``path_or_repo``: an ``--out`` folder or a Hub dataset id (with ``HF_HUB_OFFLINE=1``, read
+    from the Hub cache, e.g. after ``huggingface_hub.snapshot_download``). ``split`` may be left
+    out when there is only one. ``load_kwargs`` go to ``datasets.load_dataset`` (``cache_dir``,
+    ``revision``, ``streaming``, ...).
+
+    Rows: ``splats`` is a float16 tensor ``[N, 8]``; ``label`` (int, -1 for none),
+    ``caption`` (str or None), ``source_id`` (str) and ``psnr`` (float) are Python values.
+    With ``streaming=True`` an ``IterableDataset`` comes back, whose splats are float32.
+    """
+    from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+
+    path = Path(path_or_repo).expanduser()
+    name = str(path_or_repo)
+    if not path.exists():
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise FileNotFoundError(f"no pre-fitted dataset at {name}: no such folder")
+        snapshot = _offline_snapshot(name, load_kwargs.get("revision"))
+        if snapshot is not None:
+            load_kwargs.pop("revision", None)  # the snapshot is that revision
+        path = snapshot or name
+    ds = load_dataset(str(path), split=split, **load_kwargs)
+    if isinstance(ds, (DatasetDict, IterableDatasetDict)):
+        if len(ds) != 1:
+            raise ValueError(f"{name} has splits {sorted(ds)}: pass split=")
+        ds = next(iter(ds.values()))
+    if "splats" not in (ds.features or {}):
+        raise ValueError(f"{name} is not a pre-fitted splat dataset (no 'splats' column)")
+    if isinstance(ds, IterableDataset):
+        return ds.with_format("torch")
+    # dtype applies to every tensor column, so only splats become tensors; the rest stay Python.
+    return ds.with_format("torch", columns=["splats"], output_all_columns=True,
+                          dtype=torch.float16)
+
+
+def _offline_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """Offline, the repo's files in the Hub cache (``snapshot_download`` put them there):
+    ``datasets`` alone only finds what it prepared itself while online."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                      local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None  # load_dataset may still have its own cached copy
+
+

@@ -1,0 +1,238 @@
+"""Zero-shot classification of splat CLIPs with open_clip's own classifier builder, class names
+and prompt templates (ImageNet-1k by default)::
+
+    timm-splat eval --pretrained runs/gs400 --data imagenet-val-gs400/       # pre-fitted splats
+    timm-splat eval --pretrained hf-hub:org/repo --data /data/imagenet/val     # images, fitted here
+    timm-splat eval --model splat-ViT-B-16 --pretrained model.safetensors --data pets/ \\
+        --classnames folder --templates "a photo of a {}, a type of pet."
+
+``--data`` is a pre-fitted splat dataset (parquet shards with ``splats`` [N, 8] fp16 and
+``label`` columns: a local folder laid out like a Hub dataset, or a Hub dataset id) or an image
+folder (``class/image.jpg``, fitted on the fly a batch at a time with the model's budget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .splats import splat_count
+
+TOPK = (1, 5)
+
+
+# ------------------------------------------------------------------------ the metric
+
+def zero_shot_classifier(model, tokenizer, classnames, templates=None, device="cpu") -> torch.Tensor:
+    """Class embeddings ``[embed_dim, num_classes]`` (unit columns): open_clip's
+    ``build_zero_shot_classifier``, with its ImageNet prompt templates by default.
+
+    ``templates``: callables ``name -> prompt`` or ``str.format`` strings (``{}`` or ``{c}``)."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
+
+    templates = [_as_callable(t) for t in (templates or OPENAI_IMAGENET_TEMPLATES)]
+    return build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=list(classnames),
+                                      templates=templates, num_classes_per_batch=10,
+                                      device=device, use_tqdm=False)
+
+
+def _as_callable(template):
+    if callable(template):
+        return template
+    if "{}" not in template and "{c}" not in template:
+        raise ValueError(f"template {template!r} has no '{{}}' or '{{c}}' for the class name")
+    return lambda name, t=template: t.format(name, c=name)
+
+
+@torch.no_grad()
+def evaluate_zero_shot(model, classifier: torch.Tensor, loader, device="cpu", *, amp: bool = False,
+                       progress: bool = False) -> dict:
+    """Top-1 / top-5 zero-shot accuracy (fractions in [0, 1]), the sample count ``n`` and the
+    most real splats an input had (``max_splats``).
+
+    ``loader`` yields ``(splats [B, N, 8], labels [B])`` (or dicts with those keys);
+    ``classifier`` is :func:`zero_shot_classifier`'s ``[embed_dim, num_classes]``. With fewer
+    than 5 classes, top-5 counts the top ``num_classes`` (so it is 1)."""
+    device = torch.device(device)
+    classifier = classifier.to(device)
+    num_classes = classifier.shape[1]
+    ks = [min(k, num_classes) for k in TOPK]
+    correct, n, max_splats = torch.zeros(len(ks), dtype=torch.long), 0, 0
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="zero-shot", unit="batch")
+    for batch in batches:
+        splats, labels = (batch["splats"], batch["label"]) if isinstance(batch, dict) else batch[:2]
+        labels = torch.as_tensor(labels).long()
+        if labels.numel() and int(labels.min()) < 0:  # the pre-fit writer's "no label"
+            raise ValueError("unlabelled rows (label -1): zero-shot classification needs labels")
+        if labels.numel() and int(labels.max()) >= num_classes:
+            raise ValueError(f"label {int(labels.max())} but the classifier has {num_classes} "
+                             "classes: pass the dataset's class names (--classnames)")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            features = model.encode_image(splats.to(device, torch.float32))
+        logits = F.normalize(features.float(), dim=-1) @ classifier.float()
+        top = logits.topk(max(ks), dim=1).indices.cpu()
+        hits = top == labels.view(-1, 1)
+        correct += torch.tensor([int(hits[:, :k].any(dim=1).sum()) for k in ks])
+        n += len(labels)
+        max_splats = max(max_splats, int(splat_count(splats).max()))
+    if n == 0:
+        raise ValueError("the data loader yielded no samples")
+    return {"top1": correct[0].item() / n, "top5": correct[1].item() / n, "n": n,
+            "max_splats": max_splats}
+
+
+# ------------------------------------------------------------------ class names, prompts
+
+def load_classnames(spec: str | None, folder_classes: list[str] | None = None) -> list[str]:
+    """``imagenet`` (open_clip's IMAGENET_CLASSNAMES), ``folder`` (an image folder's class
+    folders, ``_`` read as a space), a .txt (one per line) or .json (a list) file, or a
+    comma-separated list. None: ``folder`` for an image folder without 1000 classes, else
+    ``imagenet`` (an ImageNet folder's sorted synsets are open_clip's class order)."""
+    from open_clip import IMAGENET_CLASSNAMES
+
+    if spec is None:
+        spec = "folder" if folder_classes and len(folder_classes) != 1000 else "imagenet"
+    if spec == "imagenet":
+        return list(IMAGENET_CLASSNAMES)
+    if spec == "folder":
+        if not folder_classes:
+            raise ValueError("--classnames folder needs an image folder as --data")
+        return [name.replace("_", " ") for name in folder_classes]
+    return _read_list(spec, "class names")
+
+
+def load_templates(specs: list[str] | None) -> list:
+    """Each spec: ``openai`` (open_clip's 80 OPENAI_IMAGENET_TEMPLATES, the default),
+    ``simple`` (SIMPLE_IMAGENET_TEMPLATES), a .txt / .json file of templates, or a template
+    itself (``"a photo of a {}."``)."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    templates = []
+    for spec in specs or ["openai"]:
+        if spec == "openai":
+            templates += OPENAI_IMAGENET_TEMPLATES
+        elif spec == "simple":
+            templates += SIMPLE_IMAGENET_TEMPLATES
+        elif "{" in spec:
+            templates.append(spec)
+        else:
+            templates += _read_list(spec, "templates", split_commas=False)
+    return [_as_callable(t) for t in templates]
+
+
+def _read_list(spec: str, what: str, split_commas: bool = True) -> list[str]:
+    path = Path(spec)
+    if path.suffix in (".txt", ".json") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"{what} file {path} does not exist")
+        text = path.read_text()
+        items = json.loads(text) if path.suffix == ".json" else text.splitlines()
+    elif split_commas:
+        items = spec.split(",")
+    else:
+        raise ValueError(f"{what}: {spec!r} is neither a file nor a template with '{{}}'")
+    items = [str(item).strip() for item in items if str(item).strip()]
+    if not items:
+        raise ValueError(f"no {what} in {spec!r}")
+    return items
+
+
+def _arg(help_text: str, **argparse_options) -> dict:
+    return {"help": help_text, **argparse_options}
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """One zero-shot evaluation; ``timm-splat eval`` fills it from its flags."""
+
+    data: str = field(metadata=_arg(
+        "pre-fitted splat dataset (folder of parquet shards or Hub id) or image folder "
+        "(class/image.jpg)"))
+    model: str | None = field(default=None, metadata=_arg(
+        "splat-ViT-* config (default: what --pretrained records)"))
+    pretrained: str | None = field(default=None, metadata=_arg(
+        "run dir (final/model.safetensors), .safetensors file, saved Hub folder or hf-hub:org/repo "
+        "(default: random weights, a smoke test)"))
+    split: str = field(default="validation", metadata=_arg("split of a pre-fitted dataset"))
+    batch_size: int = field(default=64, metadata=_arg("batch size"))
+    num_splats: int | None = field(default=None, metadata=_arg(
+        "fit budget for images (default: the model's); pads pre-fitted rows"))
+    device: str | None = field(default=None, metadata=_arg(
+        "default: cuda if available, else cpu"))
+    classnames: str | None = field(default=None, metadata=_arg(
+        "imagenet | folder | FILE (.txt lines / .json list) | a,b,c (default: folder names for a "
+        "non-ImageNet image folder, else imagenet)"))
+    templates: list[str] | None = field(default=None, metadata=_arg(
+        "openai (default) | simple | FILE | 'a photo of a {}.' (several allowed)", nargs="+"))
+    image_size: int | None = field(default=None, metadata=_arg(
+        "crop size images are fitted at (default: the model's)"))
+    iterations: int | None = field(default=None, metadata=_arg(
+        "fitting iterations for images (default: the fitter's)"))
+    workers: int = field(default=0, metadata=_arg("DataLoader workers"))
+    limit: int | None = field(default=None, metadata=_arg("evaluate the first N samples"))
+    amp: bool = field(default=False, metadata=_arg("bfloat16 autocast for the image tower"))
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Zero-shot top-1 / top-5 of a splat CLIP on ``config.data``, with what was evaluated."""
+    import open_clip
+
+    from .data import is_image_folder, labelled_loader
+    from .models import load_clip, splat_trunk
+    from .transforms import SplatTransform
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.pretrained is None:
+        print("no --pretrained: evaluating random weights (a smoke test)", file=sys.stderr)
+    model, info = load_clip(config.pretrained, config.model, num_splats=config.num_splats,
+                            device=device)
+    trunk = splat_trunk(model)
+    transform = None
+    if is_image_folder(config.data):
+        overrides = {"device": device}
+        if config.image_size:
+            overrides["image_size"] = config.image_size
+        if config.iterations:
+            overrides["iterations"] = config.iterations
+        transform = SplatTransform.from_config(trunk, **overrides)
+    loader, folder_classes = labelled_loader(
+        config.data, split=config.split, batch_size=config.batch_size, transform=transform,
+        num_splats=config.num_splats, workers=config.workers, limit=config.limit)
+    classnames = load_classnames(config.classnames, folder_classes)
+    templates = load_templates(config.templates)
+    tokenizer = open_clip.get_tokenizer(info["tokenizer"])
+    start = time.perf_counter()
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
+    metrics = evaluate_zero_shot(model, classifier, loader, device, amp=config.amp,
+                                 progress=sys.stderr.isatty())
+    return {
+        "model": info["model"], "pretrained": config.pretrained, "num_splats": trunk.num_splats,
+        "data": str(config.data), "split": None if folder_classes else config.split, **metrics,
+        "num_classes": len(classnames), "num_templates": len(templates),
+        "seconds": round(time.perf_counter() - start, 2), "device": str(device),
+    }
+
+
+def format_table(result: dict) -> str:
+    columns = ("model", "splats", "data", "n", "top1", "top5")
+    cells = [str(result["model"]), str(result["max_splats"]), Path(str(result["data"])).name or
+             str(result["data"]), str(result["n"]), f"{100 * result['top1']:.2f}",
+             f"{100 * result['top5']:.2f}"]
+    widths = [max(len(c), len(v)) for c, v in zip(columns, cells)]
+    rows = [columns, ["-" * w for w in widths], cells]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows)

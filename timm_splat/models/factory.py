@@ -1,0 +1,120 @@
+"""Creating and loading splat CLIPs, the way open_clip's ``factory`` does for RGB ones:
+:func:`create_model_and_transforms` builds a ``splat-ViT-*`` config with a :class:`SplatTransform`
+as its preprocess, :func:`load_clip` loads trained or published weights with their budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..transforms import SplatTransform
+from .clip import OPEN_CLIP_CONFIG, register_open_clip_configs, splat_trunk
+from .convert import set_quick_gelu
+
+
+def create_model_and_transforms(model_name: str, pretrained: str | None = None, **kwargs):
+    """``open_clip.create_model_and_transforms`` whose preprocess is a :class:`SplatTransform`
+    (the same for training and evaluation: splats need no pixel augmentation here).
+
+    ``num_splats`` (optional) overrides the budget of the model's cfg; the rest goes to
+    open_clip. Returns ``(model, preprocess_train, preprocess_val)``."""
+    import open_clip
+
+    register_open_clip_configs()
+    num_splats = kwargs.pop("num_splats", None)
+    model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+    trunk = splat_trunk(model)
+    if trunk is None:
+        raise ValueError(f"{model_name!r} is not a splat model: use a splat-ViT-* config")
+    if num_splats:
+        trunk.num_splats = num_splats
+    preprocess = SplatTransform.from_config(trunk)
+    return model, preprocess, preprocess
+
+
+def _strip_prefixes(state: dict) -> dict:
+    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every key.
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _resolve_local(path: Path) -> tuple[Path, dict]:
+    """A run dir / final dir / weights file -> (weights file, run.json contents or {})."""
+    if path.is_dir():
+        for weights in (path / "final" / "model.safetensors", path / "model.safetensors"):
+            if weights.is_file():
+                path = weights
+                break
+        else:
+            raise ValueError(f"{path}: no final/model.safetensors or model.safetensors "
+                             "(a training run directory, or a saved Hub folder)")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: weights must be a .safetensors file (pickle checkpoints are "
+                         "not loaded)")
+    run_file = path.parent / "run.json"
+    return path, json.loads(run_file.read_text()) if run_file.is_file() else {}
+
+
+def load_clip(pretrained=None, model_name: str | None = None, *, num_splats: int | None = None,
+              device="cpu"):
+    """A splat CLIP and what is known about it: ``(model, info)`` in eval mode.
+
+    ``pretrained``: ``hf-hub:org/repo``, a local Hub folder (``open_clip_config.json``), a
+    training run directory (``final/model.safetensors`` + ``final/run.json``), a
+    ``.safetensors`` state dict, or None (random weights, for smoke tests). ``model_name``: the
+    ``splat-ViT-*`` config (read from run.json / the Hub config when there). ``num_splats``
+    overrides the stored budget. ``info``: ``model`` (config name), ``num_splats``,
+    ``tokenizer`` (the name for ``open_clip.get_tokenizer``) and ``run`` (run.json or {})."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    register_open_clip_configs()
+    run, stored = {}, {}
+    pretrained = None if pretrained is None else str(pretrained)
+    local = Path(pretrained) if pretrained and not pretrained.startswith("hf-hub:") else None
+    if pretrained and (local is None or (local / OPEN_CLIP_CONFIG).is_file()):
+        # A published model: open_clip reads its config and weights (also from a local folder).
+        source = pretrained if local is None else f"local-dir:{local}"
+        model = open_clip.create_model(source, device=device)
+        if local is None:
+            from huggingface_hub import hf_hub_download
+
+            config_file = hf_hub_download(pretrained.removeprefix("hf-hub:"), OPEN_CLIP_CONFIG)
+        else:
+            config_file = local / OPEN_CLIP_CONFIG
+        stored = json.loads(Path(config_file).read_text()).get("timm_splat", {})
+        name, tokenizer = stored.get("model_name"), source
+        if model_name and name and model_name != name:
+            raise ValueError(f"{pretrained} holds a {name}, not a {model_name}")
+    else:
+        weights = None
+        if local is not None:
+            if not local.exists():
+                raise ValueError(f"--pretrained {pretrained}: no such file or directory")
+            weights, run = _resolve_local(local)
+        name = run.get("model") or model_name
+        if model_name and name != model_name:
+            raise ValueError(f"{pretrained} was trained as {name}, not {model_name}")
+        if not name:
+            raise ValueError("say which model: a model name (splat-ViT-...) or a run directory "
+                             "whose run.json names it")
+        model = open_clip.create_model(name)
+        trunk = splat_trunk(model)
+        if trunk is None:
+            raise ValueError(f"{name!r} is not a splat model: use a splat-ViT-* config")
+        if run.get("quick_gelu"):
+            set_quick_gelu(model)
+        if weights is not None:
+            model.load_state_dict(_strip_prefixes(load_file(str(weights))), strict=True)
+        model.to(device)
+        tokenizer = name
+    trunk = splat_trunk(model)
+    if trunk is None:
+        raise ValueError(f"{pretrained} is not a splat model")
+    budget = int(num_splats or run.get("num_splats") or stored.get("num_splats") or trunk.num_splats)
+    trunk.num_splats = budget
+    info = {"model": name, "num_splats": budget, "tokenizer": tokenizer, "run": run,
+            "pretrained": pretrained}
+    return model.eval(), info

@@ -1,0 +1,297 @@
+"""Train a splat CLIP with accelerate: stage 1 distils the RGB teacher into the GS stem, stage 2
+adapts with open_clip's contrastive loss. ``train(TrainConfig(...))``, or from the command line:
+
+    accelerate launch -m timm_splat train --stage distill --model splat-ViT-B-16 \\
+        --teacher ViT-B-16 --teacher-pretrained <tag | hf-hub:... | path> \\
+        --train-data <image folder | pre-fitted splat dataset> --epochs 2 --output runs/gs400
+    accelerate launch -m timm_splat train --stage clip --resume runs/gs400 --train-data ...
+
+A run directory holds one folder per stage: ``<stage>/checkpoints/step_XXXXXXX`` (accelerate
+state: model, optimiser, scheduler, RNG, data position), ``<stage>/log.jsonl`` and
+``<stage>/final`` (``model.safetensors`` + ``run.json``); ``final/`` at the top is the last
+finished stage, what ``timm-splat eval`` and ``timm-splat push`` read. Starting a stage resumes
+its latest checkpoint if there is one; stage 2 starts from stage 1's final weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset
+
+from .data import TrainingCollate, open_train_data
+from .models import (
+    STAGES,
+    freeze,
+    from_rgb,
+    register_open_clip_configs,
+    set_quick_gelu,
+    splat_trunk,
+    uses_quick_gelu,
+)
+from .splats import DEFAULT_NUM_SPLATS
+from .transforms import SplatTransform
+
+
+def _arg(help_text: str, **argparse_options) -> dict:
+    """Field metadata: the command line's help (and choices) for this option."""
+    return {"help": help_text, **argparse_options}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training stage needs; ``timm-splat train`` fills it from its flags."""
+
+    stage: str = field(metadata=_arg("distill (stage 1) or clip (stage 2)", choices=STAGES))
+    train_data: str = field(metadata=_arg(
+        "an image folder (captions from .txt files), webdataset tars (img2dataset), an HF image "
+        "dataset or parquet, or a pre-fitted splat dataset (stage 2 only: stage 1's teacher reads "
+        "pixels)"))
+    model: str = field(default="splat-ViT-B-16", metadata=_arg("a splat-ViT-* open_clip config"))
+    teacher: str | None = field(default=None, metadata=_arg(
+        "open_clip name of the RGB teacher (stage 1, from_rgb)"))
+    teacher_pretrained: str | None = field(default=None, metadata=_arg(
+        "open_clip tag, hf-hub: id or file"))
+    split: str = field(default="train", metadata=_arg("split of --train-data"))
+    output: str | None = field(default=None, metadata=_arg("run directory (default: --resume)"))
+    resume: str | None = field(default=None, metadata=_arg(
+        "run directory to continue (a stage's checkpoint, or stage 1's final weights for stage 2)"))
+    num_splats: int = field(default=DEFAULT_NUM_SPLATS, metadata=_arg("splat budget per image"))
+    image_size: int = field(default=224, metadata=_arg("crop size images are fitted at"))
+    fit_iterations: int | None = field(default=None, metadata=_arg(
+        "iterations of on-the-fly fitting (default: the fitter's)"))
+    epochs: int = field(default=2, metadata=_arg("epochs"))
+    max_steps: int | None = field(default=None, metadata=_arg("stop after this many steps"))
+    batch_size: int = field(default=64, metadata=_arg("batch size per process"))
+    accum_steps: int = field(default=1, metadata=_arg("gradient accumulation steps"))
+    lr: float = field(default=5e-4, metadata=_arg("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.1, metadata=_arg("AdamW weight decay of matrices"))
+    warmup: int = field(default=100, metadata=_arg("warm-up steps"))
+    precision: str | None = field(default=None, metadata=_arg(
+        "accelerate mixed precision (default: bf16 on GPU, no on CPU)"))
+    checkpoint_every: int = field(default=500, metadata=_arg("steps between checkpoints"))
+    log_every: int = field(default=10, metadata=_arg("steps between log lines"))
+    workers: int = field(default=0, metadata=_arg("DataLoader workers"))
+    seed: int = field(default=0, metadata=_arg("seed of weights, data order and fits"))
+    record_samples: bool = field(default=False, metadata=_arg(
+        "write the ids each process trained on to <stage>/samples-<rank>.txt"))
+    cpu: bool = field(default=False, metadata=_arg("train on the CPU"))
+
+    def __post_init__(self):
+        self.output = self.output or self.resume
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if not self.output:
+            raise ValueError("give --output (a new run) or --resume (an existing one)")
+        if self.resume and not Path(self.resume).is_dir():
+            raise ValueError(f"--resume {self.resume}: no such run directory")
+        if self.stage == "distill" and not self.teacher:
+            raise ValueError("stage distill needs --teacher (the RGB CLIP whose embeddings the "
+                             "stem learns)")
+
+
+class TrainState:
+    """Step and epoch, saved with accelerate's state so a resume knows where it was."""
+
+    def __init__(self):
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    def state_dict(self):
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state):
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    checkpoints = sorted((stage_dir / "checkpoints").glob("step_*"))
+    return checkpoints[-1] if checkpoints else None
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_student(config: TrainConfig, run_dir: Path, teacher):
+    import open_clip
+
+    previous = run_dir / "distill" / "final" / "model.safetensors"
+    if teacher is not None:
+        student = from_rgb(teacher, num_splats=config.num_splats)
+    else:
+        student = open_clip.create_model(config.model)
+    if config.stage == "clip" and previous.exists():
+        # Stage 2 starts where stage 1 ended (a stage-2 checkpoint, if any, overrides below).
+        if json.loads((previous.parent / "run.json").read_text()).get("quick_gelu"):
+            set_quick_gelu(student)
+        student.load_state_dict(load_file(previous))
+    trunk = splat_trunk(student)
+    if trunk is None:
+        raise ValueError(f"{config.model} is not a splat model")
+    trunk.num_splats = config.num_splats
+    return student
+
+
+def train(config: TrainConfig) -> dict:
+    """Run one stage (resuming its latest checkpoint); returns what ``final/run.json`` records."""
+    import open_clip
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    register_open_clip_configs()
+    run_dir = Path(config.output)
+    stage_dir = run_dir / config.stage
+    cpu = config.cpu or not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=config.precision or ("no" if cpu else "bf16"),
+        gradient_accumulation_steps=config.accum_steps,
+        # Streams: every process reads the stream and keeps its own share of the batches (no
+        # dispatching of batches that hold strings); decoding and fitting touch only that share.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed,
+                                                  dispatch_batches=False),
+    )
+    set_seed(config.seed)
+
+    teacher = None
+    if config.teacher:
+        teacher = open_clip.create_model(config.teacher, pretrained=config.teacher_pretrained)
+        teacher.eval().requires_grad_(False)
+    student = build_student(config, run_dir, teacher if config.stage == "distill" else None)
+    if config.stage == "clip":
+        teacher = None  # stage 2 has no teacher
+    freeze(student, config.stage, verbose=accelerator.is_main_process)
+
+    fit_options = {"iterations": config.fit_iterations} if config.fit_iterations else {}
+    # Batches are fitted in the collate step: on the GPU when it runs in this process (CUDA
+    # cannot start in forked workers).
+    fit_device = accelerator.device if config.workers == 0 else "cpu"
+    splat_transform = SplatTransform(config.num_splats, config.image_size, device=fit_device,
+                                     **fit_options)
+    teacher_preprocess = None
+    if teacher is not None:
+        cfg = teacher.visual.preprocess_cfg
+        teacher_preprocess = open_clip.image_transform(cfg["size"], is_train=False,
+                                                       mean=cfg["mean"], std=cfg["std"])
+    tokenizer = open_clip.get_tokenizer(config.model) if config.stage == "clip" else None
+    dataset = open_train_data(config.train_data, config.split)
+    streamed = isinstance(dataset, IterableDataset)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=not streamed, drop_last=True,
+                        num_workers=config.workers,
+                        collate_fn=TrainingCollate(splat_transform, teacher_preprocess, tokenizer))
+    batches = (dataset.num_items or 0) // config.batch_size if streamed else len(loader)
+    if batches == 0 and not (streamed and config.max_steps):
+        raise ValueError(f"{config.train_data}: no full batch of {config.batch_size} samples"
+                         + (" (or an unknown length: pass --max-steps)" if streamed else ""))
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    steps_per_epoch = math.ceil(batches / accelerator.num_processes / config.accum_steps)
+    total = config.max_steps or steps_per_epoch * config.epochs
+    # accelerate steps a prepared scheduler once per process per step: count in those units.
+    ticks = accelerator.num_processes
+    warmup = min(config.warmup, max(1, total // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(warmup * ticks, total * ticks))
+    student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed {checkpoint} at step {state.step}")
+
+    clip_loss = open_clip.ClipLoss(gather_with_grad=True, rank=accelerator.process_index,
+                                   world_size=accelerator.num_processes)
+    model = accelerator.unwrap_model(student)
+    log_file = stage_dir / "log.jsonl"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_checkpoint():
+        accelerator.save_state(str(stage_dir / "checkpoints" / f"step_{state.step:07d}"))
+
+    last_loss, seen, start = None, 0, time.perf_counter()
+    while state.step < total and state.epoch < config.epochs:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) \
+            if state.batch_in_epoch else loader
+        for batch in batches:
+            with accelerator.accumulate(student):
+                image = F.normalize(model.encode_image(batch["splats"]), dim=-1)
+                if config.stage == "distill":
+                    with torch.no_grad():
+                        target = F.normalize(teacher.encode_image(batch["pixels"]), dim=-1)
+                    loss = F.mse_loss(image.float(), target.float())
+                else:
+                    with torch.no_grad():  # the text tower is frozen
+                        text = F.normalize(model.encode_text(batch["tokens"]), dim=-1)
+                    loss = clip_loss(image, text, model.logit_scale.exp())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            seen += len(batch["splats"]) * accelerator.num_processes
+            if config.record_samples:  # an audit trail: which process saw which samples
+                with (stage_dir / f"samples-{accelerator.process_index}.txt").open("a") as f:
+                    f.write("".join(f"{state.epoch} {i}\n" for i in batch["ids"]))
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            last_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            if state.step % config.log_every == 0 or state.step == 1:
+                record = {"step": state.step, "epoch": state.epoch, "loss": last_loss,
+                          "lr": scheduler.get_last_lr()[0],
+                          "images_per_s": seen / (time.perf_counter() - start)}
+                accelerator.print(json.dumps(record))
+                if accelerator.is_main_process:
+                    with log_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if state.step % config.checkpoint_every == 0:
+                save_checkpoint()
+            if state.step >= total:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    save_checkpoint()
+
+    result = {"model": config.model, "stage": config.stage, "num_splats": config.num_splats,
+              "steps": state.step, "final_loss": last_loss, "data": config.train_data,
+              "teacher": config.teacher, "teacher_pretrained": config.teacher_pretrained,
+              "quick_gelu": uses_quick_gelu(model)}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = stage_dir / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, final / "model.safetensors")
+        (final / "run.json").write_text(json.dumps(result, indent=2) + "\n")
+        shutil.copytree(final, run_dir / "final", dirs_exist_ok=True)
+    accelerator.end_training()
+    return result
