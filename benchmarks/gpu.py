@@ -21,14 +21,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from conftest import away_from_cutoff, poison_allocator, random_splats  # noqa: E402
-
-from timm_splat import extension, fit_splats, ops  # noqa: E402
-from timm_splat.images import to_rgb_tensors  # noqa: E402
-from timm_splat.reference import render_reference  # noqa: E402
-from timm_splat.samples import sample_photos  # noqa: E402
+from timm_splat import extension, fit_splats, ops
+from timm_splat.images import to_rgb_tensors
+from timm_splat.reference import render_reference
+from timm_splat.samples import sample_photos
+from timm_splat.testing import away_from_cutoff, poison_allocator, random_splats
 
 LOG_FILE: Path | None = None  # written line by line, so a run cut off still leaves its log
 

@@ -42,7 +42,7 @@ def prefit(photos, tmp_path_factory):
                                    iterations=FIT["iterations"])
     rows = {
         # real rows only (differing counts), as the writer stores them
-        "splats": [s[s[:, 2] > 0].half().numpy() for s in fitted.splats],
+        "splats": [s[timm_splat.splat_mask(s)].half().numpy() for s in fitted.splats],
         "label": list(range(len(PHOTOS))),
         "caption": [f"a photo of a {name}" for name in CLASSNAMES[:len(PHOTOS)]],
         "source_id": list(PHOTOS),

@@ -16,6 +16,25 @@ from .splats import (
 )
 from .version import __version__
 
+__all__ = [
+    "DEFAULT_NUM_SPLATS",
+    "FitConfig",
+    "FitResult",
+    "__version__",
+    "compression_ratio",
+    "fit_splats",
+    "from_fp16_bytes",
+    "load_splats",
+    "luminance",
+    "pad_splats",
+    "psnr",
+    "render_splats",
+    "save_splats",
+    "splat_count",
+    "splat_mask",
+    "to_fp16_bytes",
+]
+
 try:  # the models register themselves in timm (and open_clip) on import
     from .models import (
         SplatVisionTransformer,
@@ -25,6 +44,9 @@ try:  # the models register themselves in timm (and open_clip) on import
         load_clip,
     )
     from .transforms import SplatTransform
+
+    __all__ += ["SplatTransform", "SplatVisionTransformer", "create_model_and_transforms",
+                "freeze", "from_rgb", "load_clip"]
 except ModuleNotFoundError as error:  # fitting and the kernels need torch alone
     if (error.name or "").split(".")[0] not in ("timm", "torchvision"):
         raise

@@ -20,6 +20,7 @@ CHANNEL_NAMES = ("x", "y", "l11", "l21", "l22", "r", "g", "b")
 XY = slice(0, 2)
 CHOLESKY = slice(2, 5)
 COLOR = slice(5, 8)
+L11, L21, L22 = 2, 3, 4  # the Cholesky factor's entries
 BYTES_PER_SPLAT_FP16 = SPLAT_CHANNELS * 2
 
 # BT.709 luma weights, applied to |colour| to score a splat's visual weight (used for pruning).
@@ -28,7 +29,7 @@ LUMINANCE_WEIGHTS = (0.2126, 0.7152, 0.0722)
 
 def splat_mask(splats: torch.Tensor) -> torch.Tensor:
     """``[..., N]`` bool: True for real splats, False for padding rows."""
-    return splats[..., 2] > 0
+    return splats[..., L11] > 0
 
 
 def splat_count(splats: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def check_splats(splats: torch.Tensor, name: str = "splats") -> None:
     if not bool(torch.isfinite(splats).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     real = splat_mask(splats)
-    if bool((real & (splats[..., 4] <= 0)).any()):
+    if bool((real & (splats[..., L22] <= 0)).any()):
         raise ValueError(
             f"{name} has splats with l11 > 0 but l22 <= 0; a real splat needs l11 > 0 and l22 > 0 "
             "(an all-zero row is padding)"

@@ -72,7 +72,7 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
     shard = next((out / "data").glob(f"{first_run}-*.parquet"), None)
     label = Features.from_arrow_schema(pq.read_schema(shard))["label"] if shard else None
     defaults = dataclasses.asdict(FitConfig())
-    command = [f"python -m timm_splat.prefit --dataset {short} --split {first_run}",
+    command = [f"timm-splat prefit --dataset {short} --split {first_run}",
                f"--num-splats {num_splats} --image-size {height} --out {out.name}"]
     if settings["crop_pct"] != 1.0 or settings["interpolation"] != "bicubic":
         command.append(f"--crop-pct {settings['crop_pct']} "

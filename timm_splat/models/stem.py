@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..splats import SPLAT_CHANNELS
+from ..splats import COLOR, L11, L21, L22, SPLAT_CHANNELS, XY, splat_mask
 
 # Per-channel standardisation of (x, y, log l11, log l22, l21 / l22, r, g, b): typical centre and
 # spread of fitted splats at 224 px (log l ~ log of a few pixels / 224). Fixed, not learned, so
@@ -66,13 +66,14 @@ class SplatFeatures(nn.Module):
 
     def forward(self, splats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         splats = splats.float()
-        mask = (splats[..., 2] > 0) & (splats[..., 4] > 0)
+        # Real splats; l22 is checked too because its log is taken (check_splats is not run here).
+        mask = splat_mask(splats) & (splats[..., L22] > 0)
         # Padding rows get a harmless unit shape: log(0) would put NaN into masked-out keys.
         safe = torch.where(mask.unsqueeze(-1), splats, torch.ones_like(splats))
-        xy = safe[..., 0:2]
-        log_diag = torch.stack([safe[..., 2].log(), safe[..., 4].log()], dim=-1)
-        shear = safe[..., 3:4] / safe[..., 4:5]
-        base = torch.cat([xy, log_diag, shear, safe[..., 5:8]], dim=-1)
+        xy = safe[..., XY]
+        log_diag = torch.stack([safe[..., L11].log(), safe[..., L22].log()], dim=-1)
+        shear = safe[..., L21, None] / safe[..., L22, None]
+        base = torch.cat([xy, log_diag, shear, safe[..., COLOR]], dim=-1)
         base = (base - self.mean) / self.std
         shape = torch.cat([base[..., 2:4], shear.clamp(-4, 4)], dim=-1) / 4
         features = torch.cat(
@@ -189,4 +190,4 @@ class GSStem(nn.Module):
             )
         features, mask = self.features(splats)
         tokens = self.norm(self.proj(features.to(self.proj.weight.dtype)))
-        return self.resampler(tokens, splats[..., 0:2], mask)
+        return self.resampler(tokens, splats[..., XY], mask)
