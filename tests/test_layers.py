@@ -15,11 +15,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "timm_splat"
 LAYERS = [
     {"splats", "images", "samples", "extension", "reference", "resources", "version"},
     {"ops", "testing"},
-    {"fitting", "fitting_init", "report"},
+    {"fitting_init", "report"},
+    {"fitting"},
     {"transforms"},
     {"models", "data"},
     {"hub"},
-    # The application: programs as functions, then the command line.
+    # The application: checkpoints, programs as functions, then the command line.
+    {"checkpoints"},
     {"training", "evaluation"},
     {"cli"},
 ]

@@ -183,3 +183,56 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, captioned_folder
     for name, value in full.items():
         # Summation order differs between the two runs: float noise ~1e-6 is expected.
         torch.testing.assert_close(accum[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_checkpoints_are_whole_pickle_free_and_pruned(tmp_path, captioned_folder, teacher_dir):
+    """Checkpoints hold safetensors and JSON only; a half-written (newer) checkpoint is skipped
+    on resume; only --keep-checkpoints survive; a finished stage is never rewritten."""
+    run = tmp_path / "run"
+    common = ["--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
+              str(captioned_folder), "--output", str(run), "--epochs", "2", *TINY]
+    run_train(*common, "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    checkpoints = run / "distill" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000003", "step_0000004"]
+    suffixes = {p.suffix for p in run.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".jsonl"}, suffixes
+
+    final = run / "distill" / "final" / "run.json"
+    before = final.read_bytes()
+    result = run_train(*common)  # the same command again: the stage is finished
+    assert "is finished" in result.stdout
+    assert final.read_bytes() == before
+
+    # A crash inside a save leaves a folder without complete.json: resume skips it.
+    shutil.copytree(checkpoints / "step_0000003", checkpoints / "step_0000009")
+    (checkpoints / "step_0000009" / "complete.json").unlink()
+    shutil.rmtree(checkpoints / "step_0000004")
+    shutil.rmtree(run / "distill" / "final")
+    result = run_train(*common)
+    assert "resumed" in result.stdout and "step_0000003" in result.stdout
+    assert "skipping checkpoint" in result.stderr and "step_0000009" in result.stderr
+
+
+def test_optimizer_and_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    from timm_splat import checkpoints
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    checkpoints._save_state(tmp_path, "optimizer", optimizer.state_dict())
+    restored = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1.0)
+    restored.load_state_dict(checkpoints._load_state(tmp_path, "optimizer"))
+    assert restored.param_groups[0]["lr"] == 1e-2
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(restored.state_dict()["state"][0][key], value)
+
+    checkpoints._save_state(tmp_path, "rng", checkpoints._rng_state())
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    checkpoints._set_rng_state(checkpoints._load_state(tmp_path, "rng"))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (np.random.rand(), random.random()) == expected[1:]

@@ -6,11 +6,12 @@ adapts with open_clip's contrastive loss. ``train(TrainConfig(...))``, or from t
         --train-data <image folder | pre-fitted splat dataset> --epochs 2 --output runs/gs400
     accelerate launch -m timm_splat train --stage clip --resume runs/gs400 --train-data ...
 
-A run directory holds one folder per stage: ``<stage>/checkpoints/step_XXXXXXX`` (accelerate
-state: model, optimiser, scheduler, RNG, data position), ``<stage>/log.jsonl`` and
-``<stage>/final`` (``model.safetensors`` + ``run.json``); ``final/`` at the top is the last
-finished stage, what ``timm-splat eval`` and ``timm-splat push`` read. Starting a stage resumes
-its latest checkpoint if there is one; stage 2 starts from stage 1's final weights.
+A run directory holds one folder per stage: ``<stage>/checkpoints/step_XXXXXXX`` (model,
+optimiser, scheduler, RNG and data position as safetensors + JSON, no pickle; see
+:mod:`timm_splat.checkpoints`), ``<stage>/log.jsonl`` and ``<stage>/final`` (``model.safetensors``
++ ``run.json``); ``final/`` at the top is the last finished stage, what ``timm-splat eval`` and
+``timm-splat push`` read. Starting a stage resumes its newest complete checkpoint if there is
+one (a finished stage is left as it is); stage 2 starts from stage 1's final weights.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TrainingCollate, open_train_data
 from .models import (
     STAGES,
@@ -79,6 +83,8 @@ class TrainConfig:
     precision: str | None = field(default=None, metadata=_arg(
         "accelerate mixed precision (default: bf16 on GPU, no on CPU)"))
     checkpoint_every: int = field(default=500, metadata=_arg("steps between checkpoints"))
+    keep_checkpoints: int = field(default=3, metadata=_arg(
+        "complete checkpoints kept per stage, newest first (0: all)"))
     log_every: int = field(default=10, metadata=_arg("steps between log lines"))
     workers: int = field(default=0, metadata=_arg("DataLoader workers"))
     seed: int = field(default=0, metadata=_arg("seed of weights, data order and fits"))
@@ -94,29 +100,16 @@ class TrainConfig:
             raise ValueError("give --output (a new run) or --resume (an existing one)")
         if self.resume and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: no such run directory")
+        for name in ("epochs", "batch_size", "accum_steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be 0 (keep all) or more, got "
+                             f"{self.keep_checkpoints}")
         if self.stage == "distill" and not self.teacher:
             raise ValueError("stage distill needs --teacher (the RGB CLIP whose embeddings the "
                              "stem learns)")
-
-
-class TrainState:
-    """Step and epoch, saved with accelerate's state so a resume knows where it was."""
-
-    def __init__(self):
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-
-    def state_dict(self):
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state_dict(self, state):
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-
-
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    checkpoints = sorted((stage_dir / "checkpoints").glob("step_*"))
-    return checkpoints[-1] if checkpoints else None
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -215,13 +208,19 @@ def train(config: TrainConfig) -> dict:
     student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
     if teacher is not None:
         teacher.to(accelerator.device)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-
-    checkpoint = latest_checkpoint(stage_dir)
+    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    checkpoint = latest_checkpoint(stage_dir / "checkpoints")
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed {checkpoint} at step {state.step}")
+        position = load_checkpoint(accelerator, checkpoint, model=student, optimizer=optimizer,
+                                   scheduler=scheduler)
+        accelerator.print(f"resumed {checkpoint} at step {position['step']}")
+    finished = stage_dir / "final" / "run.json"
+    if position["step"] >= total and finished.is_file():
+        accelerator.print(f"stage {config.stage} of {run_dir} is finished ({finished}): nothing "
+                          "to do; pass a new --output to train again")
+        accelerator.end_training()
+        return json.loads(finished.read_text())
+    state = SimpleNamespace(**position)
 
     clip_loss = open_clip.ClipLoss(gather_with_grad=True, rank=accelerator.process_index,
                                    world_size=accelerator.num_processes)
@@ -229,8 +228,10 @@ def train(config: TrainConfig) -> dict:
     log_file = stage_dir / "log.jsonl"
     stage_dir.mkdir(parents=True, exist_ok=True)
 
-    def save_checkpoint():
-        accelerator.save_state(str(stage_dir / "checkpoints" / f"step_{state.step:07d}"))
+    def checkpoint_now():
+        save_checkpoint(accelerator, stage_dir / "checkpoints" / f"step_{state.step:07d}",
+                        model=student, optimizer=optimizer, scheduler=scheduler,
+                        position=vars(state).copy(), keep=config.keep_checkpoints)
 
     last_loss, seen, start = None, 0, time.perf_counter()
     while state.step < total and state.epoch < config.epochs:
@@ -273,13 +274,13 @@ def train(config: TrainConfig) -> dict:
                     with log_file.open("a") as f:
                         f.write(json.dumps(record) + "\n")
             if state.step % config.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoint_now()
             if state.step >= total:
                 break
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
-    save_checkpoint()
+    checkpoint_now()
 
     result = {"model": config.model, "stage": config.stage, "num_splats": config.num_splats,
               "steps": state.step, "final_loss": last_loss, "data": config.train_data,
@@ -287,11 +288,19 @@ def train(config: TrainConfig) -> dict:
               "quick_gelu": uses_quick_gelu(model)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = stage_dir / "final"
-        final.mkdir(parents=True, exist_ok=True)
+        # Written beside and renamed into place: a reader never sees half a final folder.
+        partial = stage_dir / ".final.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, final / "model.safetensors")
-        (final / "run.json").write_text(json.dumps(result, indent=2) + "\n")
-        shutil.copytree(final, run_dir / "final", dirs_exist_ok=True)
+        save_file(weights, partial / "model.safetensors")
+        (partial / "run.json").write_text(json.dumps(result, indent=2) + "\n")
+        for final in (stage_dir / "final", run_dir / "final"):
+            copy = final.with_name(f".{final.name}.new")
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(partial, copy)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(copy, final)
+        shutil.rmtree(partial)
     accelerator.end_training()
     return result
