@@ -1,8 +1,10 @@
 """Turn whatever a user holds into float RGB tensors ``[3, H, W]`` in [0, 1].
 
-Accepted: PIL images of any mode, numpy arrays (HW or HWC; uint8, uint16, bool or float), torch
-tensors (``[3, H, W]`` / ``[B, 3, H, W]``, uint8 or float; 1 or 4 channels are made RGB too),
-and lists of those. Anything else raises a ValueError saying what was wrong.
+Accepted: PIL images of any mode (turned upright by their EXIF orientation; 16-bit modes scaled
+by 65535), numpy arrays (HW or HWC; uint8, uint16, bool or float in [0, 1]), torch tensors
+(``[3, H, W]`` / ``[B, 3, H, W]``, uint8 or float in [0, 1]; 1 or 4 channels are made RGB too),
+and lists of those. Anything else, float pixels outside [0, 1] and undecodable files raise a
+ValueError saying what was wrong.
 """
 
 from __future__ import annotations
@@ -12,30 +14,46 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    from PIL import Image
-except ImportError:  # pillow is a dependency; keep the module importable regardless
-    Image = None
+from PIL import Image, ImageOps
 
 
 def _from_pil(image) -> torch.Tensor:
+    try:
+        image = ImageOps.exif_transpose(image)  # the way a viewer shows it (phone photos)
+        return _decoded_pil(image)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated, corrupt
+        raise ValueError(f"cannot decode the image: {exc}") from exc
+
+
+def _decoded_pil(image) -> torch.Tensor:
     mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # High bit-depth greyscale: Image.convert("RGB") would clip it to 8 bits.
+    if mode.startswith("I;16"):  # 16 bits per pixel, however dark the image is
+        return _from_numpy(np.asarray(image).astype(np.float32) / 65535.0)
+    if mode in ("I", "F"):
+        # 32-bit int / float greyscale (Image.convert("RGB") would clip it to 8 bits): PIL
+        # makes these from 8-bit and 16-bit data, so the value range says which it was.
         array = np.asarray(image).astype(np.float32)
-        if mode == "F":
-            peak = 1.0 if array.size == 0 or array.max() <= 1.0 else 255.0
-        else:
-            peak = 255.0 if array.size and array.max() <= 255 else 65535.0
+        high = float(array.max()) if array.size else 0.0
+        peak = 1.0 if mode == "F" and high <= 1.0 else 255.0 if high <= 255 else 65535.0
         return _from_numpy(array / peak)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA").convert("RGB")  # drop alpha, the way timm's loaders do
     elif mode != "RGB":
         try:
             image = image.convert("RGB")
-        except (ValueError, OSError) as exc:
+        except ValueError as exc:
             raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {exc}") from exc
     return _from_numpy(np.asarray(image))
+
+
+# Float pixels a hair outside [0, 1] (resampling overshoot, rounding) are clamped; further out
+# they were not meant as [0, 1] images, and fitting them as they are gives garbage.
+FLOAT_SLACK = 1e-3
+
+
+def _range_error(low: float, high: float) -> str:
+    return (f"float pixel values must be in [0, 1], got [{low:.4g}, {high:.4g}]: divide 0..255 "
+            "images by 255, and undo mean/std normalisation first")
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -51,6 +69,9 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         )
     if not np.isfinite(data).all():
         raise ValueError("numpy image contains NaN or infinite values")
+    if data.size and (data.min() < -FLOAT_SLACK or data.max() > 1 + FLOAT_SLACK):
+        raise ValueError(_range_error(float(data.min()), float(data.max())))
+    data = data.clip(0, 1)
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim != 3:
@@ -85,8 +106,13 @@ def _from_tensor(tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError("image tensor contains NaN or infinite values")
     if tensor.dtype == torch.uint8:
         batch = tensor.float() / 255.0
-    elif tensor.dtype == torch.bool or tensor.is_floating_point():
+    elif tensor.dtype == torch.bool:
         batch = tensor.float()
+    elif tensor.is_floating_point():
+        low, high = (float(v) for v in torch.aminmax(tensor)) if tensor.numel() else (0.0, 0.0)
+        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+            raise ValueError(_range_error(low, high))
+        batch = tensor.float().clamp(0, 1)
     else:
         raise ValueError(f"image tensors must be uint8 or float, got {tensor.dtype}")
     channels = batch.shape[1]
@@ -128,7 +154,7 @@ def to_rgb_tensors(images: Any) -> list[torch.Tensor]:
                 converted = list(_from_tensor(item).unbind(0))
             elif isinstance(item, np.ndarray):
                 converted = [_from_numpy(item)]
-            elif Image is not None and isinstance(item, Image.Image):
+            elif isinstance(item, Image.Image):
                 converted = [_from_pil(item)]
             else:
                 converted = None

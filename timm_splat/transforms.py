@@ -41,8 +41,6 @@ INTERPOLATIONS = {
               InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
 }
 CROP_MODES = ("center", "squash")
-# Float inputs a hair outside [0, 1] (rounding elsewhere) are clamped; further out is an error.
-_RANGE_SLACK = 1e-3
 _ACCEPTED = (
     "a PIL image, a numpy array (HW or HWC), an image tensor [3, H, W] (uint8, or float in "
     "[0, 1]) or fitted splats [n, 8] (float)"
@@ -237,16 +235,9 @@ class SplatTransform:
                 )
             if img.dim() not in (2, 3):
                 raise ValueError(f"expected {_ACCEPTED}; got a tensor of shape {tuple(img.shape)}")
-        elif not isinstance(img, np.ndarray) and not (Image and isinstance(img, Image.Image)):
+        elif not isinstance(img, np.ndarray) and not isinstance(img, Image.Image):
             raise TypeError(f"expected {_ACCEPTED}; got {type(img).__name__}")
-        pixels = to_rgb_tensors(img)[0]  # any PIL mode / dtype -> float [3, H, W]
-        low, high = (float(v) for v in torch.aminmax(pixels))
-        if low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK:
-            raise ValueError(
-                f"pixel values must be in [0, 1], got [{low:.3g}, {high:.3g}]: pass images before "
-                "mean/std normalisation; float images in [0, 255] need dividing by 255"
-            )
-        return pixels.clamp(0, 1)
+        return to_rgb_tensors(img)[0]  # any PIL mode / dtype -> float [3, H, W] in [0, 1]
 
     def _resize_crop(self, pixels: torch.Tensor) -> torch.Tensor:
         height, width = pixels.shape[-2:]

@@ -25,7 +25,7 @@ def load_image(path: Path):
         with Image.open(path) as image:
             image.load()
             return image
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
