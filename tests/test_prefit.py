@@ -331,3 +331,78 @@ def test_hub_uploader_creates_the_repo_once_and_sends_each_file(image_folder, tm
     assert sorted(sent) == ["README.md"] + [f"data/{SPLIT}-00000-0000{k}.parquet" for k in (0, 1)]
     assert all(sent[name] == (out / name).read_bytes() for name in sent)
     assert 'load_prefit("org/splats"' in sent["README.md"].decode()
+
+
+def write_shard(folder, splats, features=None, **columns):
+    """One shard data/validation-00000-00000.parquet holding ``splats`` rows."""
+    from datasets import Array2D, Dataset, Features, Value
+
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    rows = {"splats": splats, "label": [0] * len(splats), **columns}
+    if features is None:
+        features = Features({"splats": Array2D(splats.shape[1:], "float16"),
+                             "label": Value("int64")})
+    path = folder / "data" / f"{SPLIT}-00000-00000.parquet"
+    Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def good_rows(count=2, n=4):
+    rows = torch.zeros(count, n, 8)
+    rows[..., :2], rows[..., 2], rows[..., 4], rows[..., 5:] = 0.5, 0.1, 0.1, 0.3
+    return rows.half().numpy()
+
+
+def test_bad_shards_are_named_before_anything_is_decoded(tmp_path):
+    from datasets import Array2D, Features, Value
+
+    from timm_splat.data import prefit_features
+
+    seven = tmp_path / "seven"  # rows of 7 numbers: not splats
+    features = Features({"splats": Array2D((4, 7), "float16"), "label": Value("int64")})
+    path = write_shard(seven, good_rows()[..., :7], features)
+    with pytest.raises(ValueError, match=rf"{path}.*not float splats \[N, 8\]"):
+        load_prefit(seven, SPLIT, cache_dir=str(tmp_path / "cache"))
+
+    empty = tmp_path / "empty"
+    (empty / "data").mkdir(parents=True)
+    (empty / "data" / f"{SPLIT}-00000-00000.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable parquet shard"):
+        load_prefit(empty, SPLIT, cache_dir=str(tmp_path / "cache"))
+
+    bomb = tmp_path / "bomb"  # 2 MB captions compress to almost nothing
+    write_shard(bomb, good_rows(), prefit_features(4), caption=["x" * (2 << 20)] * 2,
+                source_id=["a", "b"], psnr=[30.0, 30.0])
+    with pytest.raises(ValueError, match="decodes to .* bytes"):
+        load_prefit(bomb, SPLIT, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_card_cannot_point_outside_the_dataset_folder(tmp_path):
+    outside = tmp_path / "elsewhere"
+    write_shard(outside, good_rows(5))
+    dataset = tmp_path / "dataset"
+    write_shard(dataset, good_rows(2))
+    (dataset / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: validation\n"
+        "    path: ../elsewhere/data/*.parquet\n---\n")
+    assert len(load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))) == 2
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("nan", "NaN"), ("l22", "l22 <= 0"), ("int", "floating point"), ("shape", r"\[\.\.\., N, 8\]"),
+])
+def test_bad_rows_are_named_when_batched(problem, message):
+    rows = [{"splats": torch.from_numpy(good_rows(1)[0]), "label": 1, "source_id": f"img{i}"}
+            for i in range(3)]
+    bad = rows[1]["splats"].clone()
+    if problem == "nan":
+        bad[0, 5] = float("nan")
+    elif problem == "l22":
+        bad[0, 4] = 0
+    elif problem == "int":
+        bad = bad.int()
+    else:
+        bad = bad[:, :7]
+    rows[1]["splats"] = bad
+    with pytest.raises(ValueError, match=rf"row img1.*{message}|{message}.*row img1"):
+        collate_prefit(rows)

@@ -78,3 +78,26 @@ def test_save_and_load_splats(tmp_path):
     assert loaded.shape == (6, 8)
     assert torch.allclose(loaded, s[:6].half().float())
     assert meta == {"height": "10", "width": "20"}
+
+
+@pytest.mark.parametrize("channel, value, message", [(5, 1e6, "fp16's range"),
+                                                      (4, 1e-8, "smallest value")])
+def test_fp16_refuses_what_it_cannot_hold(tmp_path, channel, value, message):
+    splats = torch.tensor([[0.5, 0.5, 0.1, 0.0, 0.1, 0.2, 0.2, 0.2]])
+    splats[0, channel] = value
+    with pytest.raises(ValueError, match=message):
+        to_fp16_bytes(splats)
+    with pytest.raises(ValueError, match=message):
+        save_splats(tmp_path / "s.safetensors", splats)
+
+
+def test_load_splats_checks_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a splat file"):
+        load_splats(tmp_path / "junk.safetensors")
+    save_file({"splats": torch.tensor([[0.5, 0.5, 0.1, 0.0, -0.1, 1, 1, 1]])},
+              str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"bad.safetensors.*l22 <= 0"):
+        load_splats(tmp_path / "bad.safetensors")

@@ -64,10 +64,24 @@ def check_splats(splats: torch.Tensor, name: str = "splats") -> None:
         )
 
 
+def to_fp16(splats: torch.Tensor) -> torch.Tensor:
+    """``splats`` as fp16 on the CPU, the storage format; ValueError when fp16 cannot hold them
+    (a value beyond +-65504, or a real splat so thin that l11 or l22 rounds to 0)."""
+    check_splats(splats)
+    half = splats.detach().to("cpu", torch.float16)
+    if not bool(torch.isfinite(half).all()):
+        raise ValueError("splats hold values beyond fp16's range (+-65504): they cannot be "
+                         "stored as fp16; check the fit that made them")
+    real = splat_mask(splats.detach().cpu())
+    if bool((real & ((half[..., L11] <= 0) | (half[..., L22] <= 0))).any()):
+        raise ValueError("splats have l11 or l22 below fp16's smallest value (6e-8): they would "
+                         "be stored as padding or invalid rows; drop or widen them first")
+    return half.contiguous()
+
+
 def to_fp16_bytes(splats: torch.Tensor) -> bytes:
     """Pack splats as little-endian fp16, 16 bytes per splat (the paper's storage format)."""
-    check_splats(splats)
-    array = splats.detach().to("cpu", torch.float16).contiguous().numpy()
+    array = to_fp16(splats).numpy()
     return array.astype("<f2", copy=False).tobytes()
 
 
@@ -139,14 +153,21 @@ def save_splats(path, splats: torch.Tensor, **metadata) -> None:
     check_splats(splats)
     if splats.dim() != 2:
         raise ValueError(f"save_splats takes one image's splats [N, 8], got {tuple(splats.shape)}")
-    real = splats[splat_mask(splats)]
+    real = to_fp16(splats[splat_mask(splats)])
     meta = {key: str(value) for key, value in metadata.items()}
-    save_file({"splats": real.detach().to("cpu", torch.float16).contiguous()}, str(path), meta)
+    save_file({"splats": real}, str(path), meta)
 
 
 def load_splats(path) -> tuple[torch.Tensor, dict[str, str]]:
     """Read a file written by :func:`save_splats`: ``(splats [N, 8] float32, metadata)``."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("splats").float(), dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            splats, metadata = f.get_tensor("splats").float(), dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a splat file ({type(exc).__name__}: {exc})") from exc
+    check_splats(splats, f"splats in {path}")
+    return splats, metadata

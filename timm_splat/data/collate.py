@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..splats import pad_splats
+from ..splats import check_splats, pad_splats
 
 
 def collate_prefit(batch: list[dict], target: str = "auto", num_splats: int | None = None):
@@ -20,6 +20,8 @@ def collate_prefit(batch: list[dict], target: str = "auto", num_splats: int | No
         raise ValueError("collate_prefit takes a non-empty list of rows")
     if target not in ("auto", "label", "caption"):
         raise ValueError(f"target must be 'auto', 'label' or 'caption', got {target!r}")
+    for row in batch:  # rows come from files: check them before they reach a model
+        check_splats(torch.as_tensor(row["splats"]), f"splats of row {row.get('source_id', '?')}")
     splats = pad_splats([row["splats"] for row in batch], num_splats)
     labels = [int(row.get("label", -1)) for row in batch]
     captions = [row.get("caption") for row in batch]

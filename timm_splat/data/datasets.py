@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ..splats import check_splats
 from .collate import collate_prefit
 from .shards import load_prefit
 from .sources import open_source
@@ -58,6 +59,7 @@ class PrefitSplats(Dataset):
 
     def __getitem__(self, index):
         row = self.data[index]
+        check_splats(row["splats"], f"splats of row {row['source_id']}")
         return {"splats": row["splats"].float(), "caption": row["caption"], "id": row["source_id"]}
 
 

@@ -124,8 +124,15 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
         snapshot = _offline_snapshot(name, load_kwargs.get("revision"))
         if snapshot is not None:
             load_kwargs.pop("revision", None)  # the snapshot is that revision
-        path = snapshot or name
-    ds = load_dataset(str(path), split=split, **load_kwargs)
+            path = snapshot
+    if path.exists():
+        # A local folder is read from its own data/ files, checked first, never from paths its
+        # card names (a card could point outside the folder).
+        files = check_shards(path, split)
+        ds = load_dataset("parquet", data_files={k: [str(f) for f in v] for k, v in files.items()},
+                          split=split, **load_kwargs)
+    else:
+        ds = load_dataset(name, split=split, **load_kwargs)
     if isinstance(ds, (DatasetDict, IterableDatasetDict)):
         if len(ds) != 1:
             raise ValueError(f"{name} has splits {sorted(ds)}: pass split=")
@@ -137,6 +144,73 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
     # dtype applies to every tensor column, so only splats become tensors; the rest stay Python.
     return ds.with_format("torch", columns=["splats"], output_all_columns=True,
                           dtype=torch.float16)
+
+
+# A shard row's bytes once decoded, beyond its splats: label, caption, ids. More than this per
+# row is not a pre-fitted dataset but a decompression bomb.
+MAX_ROW_EXTRA_BYTES = 64 * 1024
+MAX_SPLATS_PER_ROW = 1 << 16
+
+
+def check_shards(folder: Path, split: str | None = None) -> dict[str, list[Path]]:
+    """``{split: parquet files}`` of a local pre-fitted dataset, each checked from its metadata
+    alone (no rows decoded): readable, rows of splats ``[N, 8]`` with a sane N, and no more
+    decoded bytes per row than such rows need. Raises ValueError naming the bad file."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    files: dict[str, list[Path]] = {}
+    for file in sorted((folder / "data").glob("*.parquet")):
+        name = file.name.split("-")[0]
+        if split is None or name == split:
+            files.setdefault(name, []).append(file)
+    if not files:
+        wanted = f"split {split!r}" if split else "any split"
+        raise FileNotFoundError(f"{folder} holds no parquet shards of {wanted} in data/ "
+                                "(a timm-splat prefit output folder or a downloaded copy)")
+    for file in (f for group in files.values() for f in group):
+        try:
+            meta = pq.read_metadata(file)
+        except (OSError, ValueError) as exc:  # zero bytes, cut short, not parquet
+            raise ValueError(f"{file} is not a readable parquet shard ({exc}): restore it or "
+                             "delete it") from exc
+        num_splats = _splats_per_row(pq.read_schema(file), file)
+        decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        limit = meta.num_rows * (num_splats * SPLAT_CHANNELS * 4 + MAX_ROW_EXTRA_BYTES)
+        if decoded > limit:
+            raise ValueError(f"{file} decodes to {decoded} bytes for {meta.num_rows} rows of "
+                             f"{num_splats} splats: not a pre-fitted shard")
+    return files
+
+
+def _splats_per_row(schema, file: Path) -> int:
+    """The most splats a row of the shard can hold: N of a fixed ``[N, 8]`` array column (what
+    prefit writes), or MAX_SPLATS_PER_ROW for rows of any length of 8 floats each."""
+    import pyarrow as pa
+    from datasets import Array2D, Features
+
+    if "splats" not in schema.names:
+        raise ValueError(f"{file} has no 'splats' column: not a pre-fitted shard")
+    try:
+        column = Features.from_arrow_schema(schema)["splats"]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{file}: unreadable features ({exc})") from exc
+    bad = ValueError(f"{file}: 'splats' is {column}, not float splats [N, {SPLAT_CHANNELS}] with "
+                     f"1 <= N <= {MAX_SPLATS_PER_ROW}")
+    if isinstance(column, Array2D):
+        rows, channels = column.shape
+        if channels != SPLAT_CHANNELS or not 1 <= rows <= MAX_SPLATS_PER_ROW \
+                or column.dtype not in ("float16", "float32"):
+            raise bad
+        return rows
+    kind = schema.field("splats").type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        raise bad
+    row = kind.value_type
+    if not (pa.types.is_fixed_size_list(row) and row.list_size == SPLAT_CHANNELS
+            and (pa.types.is_float16(row.value_type) or pa.types.is_float32(row.value_type))):
+        raise bad
+    return MAX_SPLATS_PER_ROW
 
 
 def _offline_snapshot(repo_id: str, revision: str | None) -> Path | None:
