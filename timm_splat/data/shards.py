@@ -115,6 +115,7 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
     With ``streaming=True`` an ``IterableDataset`` comes back, whose splats are float32.
     """
     from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     path = Path(path_or_repo).expanduser()
     name = str(path_or_repo)
@@ -129,8 +130,13 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
         # A local folder is read from its own data/ files, checked first, never from paths its
         # card names (a card could point outside the folder).
         files = check_shards(path, split)
-        ds = load_dataset("parquet", data_files={k: [str(f) for f in v] for k, v in files.items()},
-                          split=split, **load_kwargs)
+        data_files = {k: [str(f) for f in v] for k, v in files.items()}
+        try:
+            ds = load_dataset("parquet", data_files=data_files, split=split, **load_kwargs)
+        except DatasetGenerationError as exc:  # a shard whose pages do not decode
+            raise ValueError(f"{name}: a shard does not decode ({exc.__cause__ or exc}); find it "
+                             "with pyarrow.parquet.read_table on each data/ file, restore or "
+                             "delete it") from exc
     else:
         ds = load_dataset(name, split=split, **load_kwargs)
     if isinstance(ds, (DatasetDict, IterableDatasetDict)):
