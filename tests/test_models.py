@@ -68,6 +68,16 @@ def test_budget_comes_from_the_tag():
     assert hub_id == "timm-splat/splat_vit_b16.gs400_datacomp"
 
 
+def test_num_splats_is_one_validated_value():
+    model = timm.create_model("splat_vit_test")
+    model.num_splats = 64
+    assert model.pretrained_cfg["num_splats"] == 64  # kept in sync: data configs read it
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match="num_splats must be a positive int"):
+            model.num_splats = bad
+    assert model.num_splats == 64
+
+
 def test_padding_rows_change_nothing(tiny):
     s = random_splats(2, 50, dtype=torch.float32, padding=0)
     padded = torch.zeros(2, 90, 8)
