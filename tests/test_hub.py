@@ -94,7 +94,7 @@ with torch.no_grad():
     out["loaded"] = loaded.encode_image(splats)
     small = timm.create_model("hf-hub:org/splat-timm", pretrained=True).eval()
     out["small"] = small(splats)
-out["budgets"] = torch.tensor([vit.num_splats, vit.pretrained_cfg["num_splats"], info["num_splats"],
+out["budgets"] = torch.tensor([vit.num_splats, vit._model_args["num_splats"], info["num_splats"],
                                small.num_splats])
 save_file({{k: v.contiguous() for k, v in out.items()}}, {str(tmp_path / 'out.safetensors')!r})
 """

@@ -6,7 +6,7 @@ heads load straight from RGB ViTs and CLIP towers (see :func:`timm_splat.from_rg
 
 Inputs: splats ``[B, N, 8]`` (zero rows pad), or pixels ``[B, 3, H, W]`` normalised with the
 model's data config (``timm.data.resolve_model_data_config``), which are fitted on the fly with
-the budget in ``pretrained_cfg["num_splats"]`` so timm's and open_clip's pixel pipelines work
+the budget ``model.num_splats`` so timm's and open_clip's pixel pipelines work
 unchanged (slowly: pre-fit, or use :class:`timm_splat.SplatTransform`, for real work).
 """
 
@@ -16,7 +16,15 @@ from functools import partial
 
 import torch
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import checkpoint
+from timm.models._features import feature_take_indices  # what timm's own ViT uses
+from timm.models._input import update_model_args
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -24,7 +32,6 @@ from ..fitting import fit_splats, resolve_config
 from ..splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS
 from .stem import GSStem
 
-HUB_ORG = "timm-splat"  # where published weights live: hf-hub:timm-splat/<model>.<tag>
 
 
 class SplatVisionTransformer(VisionTransformer):
@@ -52,22 +59,26 @@ class SplatVisionTransformer(VisionTransformer):
         self.fit_options = dict(fit_options or {})
         resolve_config(None, self.fit_options)  # a bad option fails here, not at the first fit
         # What the pixel path undoes: pixels arrive normalised by the model's data config.
-        self.register_buffer("pixel_mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        device = kwargs.get("device")  # timm's create_model(device=...), "meta" included
+        mean = torch.tensor(OPENAI_CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_CLIP_STD, device=device).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
 
     @property
     def num_splats(self) -> int:
         """The splat budget: what pixel inputs are fitted with and what the weights expect.
-        Setting it also records it in ``pretrained_cfg`` (what data configs and the Hub read)."""
+        Setting it records it in timm's model args, so ``save_for_hf`` writes it to
+        ``config.json`` (``model_args``) and ``create_model`` rebuilds it from there."""
         return self._num_splats
 
     @num_splats.setter
     def num_splats(self, value: int) -> None:
-        if isinstance(value, bool) or int(value) != value or value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+                or value < 1:
             raise ValueError(f"num_splats must be a positive int, got {value!r}")
         self._num_splats = int(value)
-        if isinstance(getattr(self, "pretrained_cfg", None), dict):
-            self.pretrained_cfg["num_splats"] = self._num_splats
+        update_model_args(self, num_splats=self._num_splats)
 
     def set_pixel_normalization(self, mean, std):
         """The mean / std pixel inputs were normalised with (the data config's)."""
@@ -102,8 +113,54 @@ class SplatVisionTransformer(VisionTransformer):
     def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return super().forward_features(self.as_splats(x), *args, **kwargs)
 
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        return super().forward_intermediates(self.as_splats(x), *args, **kwargs)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates`` contract for splat (or pixel) inputs: block outputs
+        as NCHW maps on the latent grid (``patch_embed.grid_size``, 14 x 14 for 196 latents),
+        or NLC tokens. timm's ViT reads the grid off the input's height and width, which splats
+        do not have."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(self.as_splats(x)))))
+        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            if attn_mask is not None or is_causal:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif self.grad_checkpointing:
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            height, width = self.patch_embed.grid_size
+            intermediates = [y.reshape(y.shape[0], height, width, -1).permute(0, 3, 1, 2)
+                             .contiguous() for y in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if return_prefix_tokens and self.num_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and self.num_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
 
 def _cfg(**kwargs):
@@ -117,48 +174,40 @@ def _cfg(**kwargs):
         "fixed_input_size": False,
         "mean": OPENAI_CLIP_MEAN,
         "std": OPENAI_CLIP_STD,
-        "first_conv": None,
+        "first_conv": "patch_embed.proj",  # the stem's first layer (a Linear on splat features)
         "classifier": "head",
         "license": "apache-2.0",
         **kwargs,
     }
 
 
-# The budget each published tag's weights were trained with. timm's PretrainedCfg has no field
-# for it, so it lives here, keyed by "<architecture>.<tag>".
-_BUDGETS: dict[str, int] = {}
-
-
-def _hub(name: str, tag: str, num_splats: int, **kwargs):
-    """A cfg for weights a later release publishes, trained at ``num_splats`` splats."""
-    _BUDGETS[f"{name}.{tag}"] = num_splats
-    return _cfg(hf_hub_id=f"{HUB_ORG}/{name}.{tag}", num_classes=512, **kwargs)
-
-
-def budget_of(pretrained_cfg: dict) -> int:
-    """The splat budget a cfg's weights expect (DEFAULT_NUM_SPLATS for untrained cfgs)."""
-    key = f"{pretrained_cfg.get('architecture')}.{pretrained_cfg.get('tag')}"
-    return _BUDGETS.get(key, DEFAULT_NUM_SPLATS)
-
-
+# Only untrained cfgs: a tag with a weight source is added here when those weights exist.
 default_cfgs = generate_default_cfgs({
-    "splat_vit_test.untrained": _cfg(),
-    "splat_vit_s16.untrained": _cfg(),
-    "splat_vit_b16.gs400_datacomp": _hub("splat_vit_b16", "gs400_datacomp", 400),
-    "splat_vit_b16.gs1600_datacomp": _hub("splat_vit_b16", "gs1600_datacomp", 1600),
-    "splat_vit_b16.gs3136_datacomp": _hub("splat_vit_b16", "gs3136_datacomp", 3136),
-    "splat_vit_b32.gs400_datacomp": _hub("splat_vit_b32", "gs400_datacomp", 400),
-    "splat_vit_l14.gs400_datacomp": _hub("splat_vit_l14", "gs400_datacomp", 400),
+    f"{name}.untrained": _cfg()
+    for name in ("splat_vit_test", "splat_vit_s16", "splat_vit_b16", "splat_vit_b32", "splat_vit_l14")
 })
 
 
+def _has_weights(variant: str, kwargs: dict) -> bool:
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+    return any(getattr(cfg, key, None) for key in ("url", "file", "hf_hub_id", "state_dict"))
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> SplatVisionTransformer:
-    budget = kwargs.pop("num_splats", None)
+    if pretrained and not _has_weights(variant, kwargs):
+        raise ValueError(
+            f"no pretrained weights are published for {variant} yet: train them (README, 'The "
+            "pipeline') and load yours with timm.create_model('hf-hub:<org/repo>', "
+            "pretrained=True) or pretrained_cfg_overlay=dict(file='model.safetensors')"
+        )
     model = build_model_with_cfg(
         SplatVisionTransformer, variant, pretrained,
-        feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs,
+        feature_cfg=dict(out_indices=min(3, kwargs.get("depth", 12)), feature_cls="getter"),
+        **kwargs,
     )
-    model.num_splats = budget or budget_of(model.pretrained_cfg)
+    if isinstance(model, SplatVisionTransformer):  # not a features_only wrapper
+        model.num_splats = model.num_splats  # recorded in the model args timm set after __init__
     return model
 
 

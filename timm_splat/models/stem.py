@@ -53,12 +53,12 @@ def fourier(values: torch.Tensor, frequencies: int) -> torch.Tensor:
 class SplatFeatures(nn.Module):
     """Per-splat input features ``[B, N, F]`` and the real-splat mask ``[B, N]``."""
 
-    def __init__(self, position_frequencies: int = 8, shape_frequencies: int = 4):
+    def __init__(self, position_frequencies: int = 8, shape_frequencies: int = 4, device=None):
         super().__init__()
         self.position_frequencies = position_frequencies
         self.shape_frequencies = shape_frequencies
-        self.register_buffer("mean", torch.tensor(_BASE_MEAN), persistent=False)
-        self.register_buffer("std", torch.tensor(_BASE_STD), persistent=False)
+        self.register_buffer("mean", torch.tensor(_BASE_MEAN, device=device), persistent=False)
+        self.register_buffer("std", torch.tensor(_BASE_STD, device=device), persistent=False)
 
     @property
     def num_features(self) -> int:
@@ -108,8 +108,8 @@ class PerceiverResampler(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden, **dd), nn.GELU(), nn.Linear(hidden, dim, **dd))
         rows, cols = self.grid
-        ys = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
-        xs = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
+        ys = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) / rows
+        xs = (torch.arange(cols, dtype=torch.float32, device=device) + 0.5) / cols
         centres = torch.stack([xs.repeat(rows), ys.repeat_interleave(cols)], dim=-1)
         self.register_buffer("centres", centres, persistent=False)  # [M, 2], row-major like patches
         self.reset_parameters()
@@ -176,12 +176,30 @@ class GSStem(nn.Module):
         self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
         self.num_patches = num_latents  # what VisionTransformer sizes its position embedding by
         self.grid_size = latent_grid(num_latents)
-        self.features = SplatFeatures(position_frequencies, shape_frequencies)
+        self.features = SplatFeatures(position_frequencies, shape_frequencies, device=device)
         self.proj = nn.Linear(self.features.num_features, embed_dim, **dd)
         self.norm = nn.LayerNorm(embed_dim, **dd)
         self.resampler = PerceiverResampler(
             embed_dim, num_latents, num_heads or max(1, embed_dim // 64), mlp_ratio, **dd
         )
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's resize hook: records the pixel size splats are fitted from. The tokens are the
+        latents, whose grid does not depend on it."""
+        if img_size is not None:
+            self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if patch_size is not None:
+            self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) \
+                else tuple(patch_size)
+
+    def feat_ratio(self, as_scalar: bool = True):
+        """Pixels per latent cell (timm's feature ``reduction``)."""
+        ratio = tuple(size // cells for size, cells in zip(self.img_size, self.grid_size))
+        return max(ratio) if as_scalar else ratio
+
+    def dynamic_feat_size(self, img_size) -> tuple[int, int]:
+        """The token grid for any input: always the latent grid."""
+        return self.grid_size
 
     def forward(self, splats: torch.Tensor) -> torch.Tensor:
         if splats.dim() != 3 or splats.shape[-1] != SPLAT_CHANNELS:

@@ -1,0 +1,97 @@
+"""timm's generic model contract (the checks of timm's own tests/test_models.py: forward,
+backward, default cfgs, forward_intermediates, features_only), written for every registered
+splat_vit_* with valid splats where timm's suite feeds random pixels. The small models run in
+CI; the full-size ones are marked slow (``pytest -m slow``)."""
+
+import pytest
+import timm
+import torch
+
+import timm_splat  # noqa: F401  (registers the models)
+from timm_splat.testing import random_splats
+
+FAST = ["splat_vit_test", "splat_vit_s16"]
+MODELS = [pytest.param(name, marks=[] if name in FAST else pytest.mark.slow)
+          for name in timm.list_models("splat_vit_*")]
+
+
+def splats(batch: int) -> torch.Tensor:
+    return random_splats(batch, 64, dtype=torch.float32)
+
+
+def test_every_registered_model_is_covered():
+    assert {p.values[0] for p in MODELS} == set(timm.list_models("splat_vit_*"))
+    assert set(FAST) <= set(timm.list_models("splat_vit_*"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward(name):
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        out = model(splats(1))
+    assert out.shape == (1, model.num_classes) and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_backward_reaches_every_parameter(name):
+    model = timm.create_model(name, num_classes=42).train()
+    out = model(splats(2))
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_default_cfg(name):
+    model = timm.create_model(name).eval()
+    cfg, state = model.default_cfg, model.state_dict()
+    for key in (cfg["classifier"], cfg["first_conv"]):
+        assert f"{key}.weight" in state, f"{key} named by the cfg is not a layer"
+    x = splats(1)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert tokens.shape == (1, model.num_prefix_tokens + model.patch_embed.num_patches,
+                                model.num_features)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_intermediates(name):
+    model = timm.create_model(name).eval()
+    x = splats(2)
+    height, width = model.patch_embed.grid_size
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(intermediates) == len(model.blocks)
+        for y in intermediates:
+            assert y.shape == (2, model.embed_dim, height, width)
+        tokens = model.forward_intermediates(x, indices=[0], output_fmt="NLC",
+                                             intermediates_only=True)
+        assert tokens[0].shape == (2, height * width, model.embed_dim)
+        layers = model.get_intermediate_layers(x, n=1, reshape=True)
+        torch.testing.assert_close(layers[0], intermediates[-1])
+    kept = model.prune_intermediate_layers(indices=1)
+    assert kept == [len(model.blocks) - 1]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    channels = model.feature_info.channels()
+    with torch.no_grad():
+        outputs = model(splats(1))
+    assert len(outputs) == len(channels) >= 1
+    for c, y in zip(channels, outputs):
+        assert y.shape[:2] == (1, c) and not torch.isnan(y).any()
+
+
+def test_meta_device_and_input_size():
+    model = timm.create_model("splat_vit_test", device="meta")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    model = timm.create_model("splat_vit_test")
+    grid = model.patch_embed.grid_size
+    model.set_input_size((256, 256))  # the pixels splats are fitted from; the latents stay
+    assert model.patch_embed.img_size == (256, 256) and model.patch_embed.grid_size == grid
