@@ -183,7 +183,9 @@ void bin_splats(const T* splats, int64_t n, int height, int width, int bands, Im
 template <typename T>
 void add_splat_rows(const RowWalker<T>& walker, int y0, int y1, int height, int width,
                     int64_t plane, T* image) {
-  const SplatShape<T>& s = walker.s;
+  // Local copies: stores into the image (also T*) could alias the walker's fields otherwise,
+  // and the compiler would reload every constant after every store.
+  const SplatShape<T> s = walker.s;
   RowState<T> row{T(1) / T(width), T(0), T(0)};
   row.e0 = T(0.5) * row.inv_w - s.x;
   for (int y = y0; y <= y1; ++y) {
