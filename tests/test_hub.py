@@ -183,3 +183,13 @@ def test_push_run(clip, run_dir, tmp_path):
     assert {p.name for p in out.iterdir()} == REPO_FILES
     assert torch.equal(load_file(out / "open_clip_model.safetensors")["logit_scale"], clip.logit_scale)
     assert cli.main(["push", str(tmp_path / "nowhere"), "org/run", "--folder-only", str(out)]) == 2
+
+
+def test_card_names_datasets_only_by_hub_id(tmp_path):
+    tiny = timm.create_model("splat_vit_test", num_classes=10)
+    local = tmp_path / "data" / "train"
+    local.mkdir(parents=True)
+    card = (hub.save_pretrained(tiny, tmp_path / "a", data=str(local)) / "README.md").read_text()
+    assert "datasets:" not in card.split("---")[1]  # a local path is not Hub metadata
+    card = (hub.save_pretrained(tiny, tmp_path / "b", data="org/in1k-gs400") / "README.md").read_text()
+    assert "datasets:\n- org/in1k-gs400" in card.split("---")[1]

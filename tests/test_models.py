@@ -112,6 +112,13 @@ def test_an_image_without_splats_is_finite(tiny):
         assert torch.isfinite(tiny(torch.zeros(1, 5, 8))).all()
 
 
+def test_normalised_noise_is_an_image():
+    """timm's tests and tools feed torch.randn as pixels: it is clamped to [0, 1] and fitted."""
+    model = timm.create_model("splat_vit_test", num_splats=8, fit_options={"iterations": 3})
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.randn(2, 3, 16, 16))).all()
+
+
 def test_bad_inputs_are_explained(tiny):
     with pytest.raises(ValueError, match=r"splats \[B, N, 8\] or pixels"):
         tiny(torch.zeros(2, 10, 7))

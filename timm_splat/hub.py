@@ -153,6 +153,8 @@ def _hub_id(value) -> str | None:
     if not value:
         return None
     value = str(value).removeprefix("hf-hub:")
+    if Path(value).expanduser().exists():  # "data/train" is a local folder, not a repo
+        return None
     return value if _REPO_ID.match(value) else None
 
 
@@ -172,7 +174,7 @@ def _write_card(folder: Path, *, architecture, num_classes, repo_id, open_clip_n
     card_data = ModelCardData(
         library_name="timm", license="apache-2.0", tags=tags,
         pipeline_tag="zero-shot-image-classification" if open_clip_name else "image-classification",
-        base_model=_hub_id(base_model), datasets=_hub_id(data),
+        base_model=_hub_id(base_model), datasets=[_hub_id(data)] if _hub_id(data) else None,
     )
     values = dict(
         title=repo_id.split("/")[-1] if repo_id else architecture,

@@ -90,7 +90,10 @@ class SplatVisionTransformer(VisionTransformer):
         """Normalised pixels ``[B, 3, H, W]`` -> splats ``[B, num_splats, 8]`` on their device."""
         images = pixels.float() * self.pixel_std + self.pixel_mean
         low, high = (float(v) for v in torch.aminmax(images))
-        if low < -0.25 or high > 1.25:  # resampling overshoot is fine, other normalisations are not
+        # Normalised noise (what timm's tests and tools feed, torch.randn) un-normalises to about
+        # [-0.6, 1.6] and is clamped like resampling overshoot; 0..255 tensors and the like are
+        # far outside and refused.
+        if low < -1.0 or high > 2.0:
             raise ValueError(
                 f"pixel inputs un-normalise to [{low:.2f}, {high:.2f}], not [0, 1]: normalise them "
                 "with the model's data config (timm.data.resolve_model_data_config(model)), or "
