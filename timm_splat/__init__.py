@@ -43,10 +43,11 @@ try:  # the models register themselves in timm (and open_clip) on import
         from_rgb,
         load_clip,
     )
+    from .augment import SplatAugment, SplatMixup
     from .transforms import SplatTransform
 
-    __all__ += ["SplatTransform", "SplatVisionTransformer", "create_model_and_transforms",
-                "freeze", "from_rgb", "load_clip"]
+    __all__ += ["SplatAugment", "SplatMixup", "SplatTransform", "SplatVisionTransformer",
+                "create_model_and_transforms", "freeze", "from_rgb", "load_clip"]
 except ModuleNotFoundError as error:  # fitting and the kernels need torch alone
     if (error.name or "").split(".")[0] not in ("timm", "torchvision"):
         raise
