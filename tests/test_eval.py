@@ -181,7 +181,7 @@ def fake_clip_benchmark(monkeypatch):
     return package
 
 
-def test_benchmark_registers_the_splat_type(fake_clip_benchmark, run_dir):
+def test_benchmark_registers_the_splat_type(fake_clip_benchmark, run_dir, photos):
     logits, target = torch.tensor([[0.9, 0.1], [0.8, 0.2]]), torch.tensor([0, 1])
     zsc = fake_clip_benchmark.metrics.zeroshot_classification
     if np.lib.NumpyVersion(np.__version__) >= "2.4.0":
@@ -193,8 +193,15 @@ def test_benchmark_registers_the_splat_type(fake_clip_benchmark, run_dir):
     assert zsc.accuracy(logits, target, topk=(1, 2)) == [0.5, 1.0]
     model, transform, tokenizer = models.TYPE2FUNC["splat"](
         model_name="splat-ViT-test", pretrained=str(run_dir), cache_dir=None, device="cpu")
-    assert isinstance(transform, timm_splat.SplatTransform) and transform.num_splats == 16
     assert model.encode_text(tokenizer(["a cat"])).shape == (1, 32)
+    # The transform gives pixels; encode_image fits the whole batch in one call, the same fits
+    # as fitting each image on its own with the model's budget.
+    images = [photos[name] for name in PHOTOS[:2]]
+    per_image = timm_splat.SplatTransform.from_config(timm_splat.models.splat_trunk(model))
+    with torch.no_grad():
+        batched = model.encode_image(torch.stack([transform(im) for im in images]))
+        single = model.encode_image(torch.stack([per_image(im) for im in images]))
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
 
 
 def test_benchmark_without_clip_benchmark(monkeypatch, capsys):

@@ -7,9 +7,8 @@ The arguments are clip_benchmark's own (``clip_benchmark eval ...``); this wrapp
 ``splat`` model type in clip_benchmark's loader registry (``clip_benchmark.models.TYPE2FUNC``
 and ``MODEL_TYPES``), makes it the default ``--model_type``, and runs clip_benchmark's CLI.
 ``--pretrained`` is what :func:`timm_splat.models.load_clip` takes (run dir, .safetensors file,
-saved Hub folder, ``hf-hub:org/repo``). clip_benchmark applies the transform per sample, so
-each image is fitted on its own in the DataLoader workers: slow at full budgets; for ImageNet,
-``timm-splat eval`` on a pre-fitted dataset is much faster.
+saved Hub folder, ``hf-hub:org/repo``). Images are fitted a batch at a time by the model
+(:func:`load_splat`); for ImageNet, ``timm-splat eval`` on a pre-fitted dataset is faster still.
 
 numpy >= 2.4: clip_benchmark's zero-shot ``accuracy()`` (metrics/zeroshot_classification.py)
 does ``float(correct[:k].reshape(-1).float().sum(0, keepdim=True).cpu().numpy())``, a float() of
@@ -28,15 +27,21 @@ INSTALL_HINT = "timm-splat-benchmark needs LAION's clip_benchmark: pip install c
 
 def load_splat(model_name: str, pretrained: str | None = None, cache_dir: str | None = None,
                device="cpu"):
-    """clip_benchmark's loader contract: ``(model, transform, tokenizer)``."""
+    """clip_benchmark's loader contract: ``(model, transform, tokenizer)``.
+
+    clip_benchmark runs the transform per image in its DataLoader workers and hands batches to
+    ``model.encode_image``: the transform only resizes and crops to [0, 1] pixels, and the
+    model fits each whole batch in one call, on its own device (the splat ViT's pixel path, told
+    that its pixels are not normalised)."""
     import open_clip
 
     from ..models import load_clip, splat_trunk
     from ..transforms import SplatTransform
 
     model, info = load_clip(pretrained or None, model_name or None, device=device)
-    # Fitting runs in the DataLoader workers (forked processes): keep it on the CPU.
-    transform = SplatTransform.from_config(splat_trunk(model))
+    trunk = splat_trunk(model)
+    trunk.set_pixel_normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    transform = SplatTransform.from_config(trunk).image_transform
     return model, transform, open_clip.get_tokenizer(info["tokenizer"])
 
 
