@@ -61,8 +61,10 @@ def check_correctness(device, trials: int) -> float:
         out, ref = out.detach(), ref.detach()
         value_err = float((out.double() - ref).abs().max() / ref.abs().max())
         grad_err = float((grad.double() - grad_ref).abs().max() / grad_ref.abs().max())
-        log(f"  trial {trial}: {height}x{width} N={s.shape[1]}: value rel err {value_err:.2e}, "
-            f"grad rel err {grad_err:.2e}")
+        log(
+            f"  trial {trial}: {height}x{width} N={s.shape[1]}: value rel err {value_err:.2e}, "
+            f"grad rel err {grad_err:.2e}"
+        )
         worst = max(worst, value_err, grad_err)
     return worst
 
@@ -83,9 +85,21 @@ def run_sanitizer() -> str:
         return "compute-sanitizer not found"
     result = {}
     for check in ("memcheck", "racecheck"):
-        run = subprocess.run([tool, "--tool", check, "--error-exitcode", "3", sys.executable,
-                              __file__, "--sanitize-target"], capture_output=True, text=True,
-                             timeout=150)
+        run = subprocess.run(
+            [
+                tool,
+                "--tool",
+                check,
+                "--error-exitcode",
+                "3",
+                sys.executable,
+                __file__,
+                "--sanitize-target",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
         log(f"compute-sanitizer {check} (exit {run.returncode}):")
         log(run.stdout[-3000:] + run.stderr[-2000:])
         result[check] = "clean" if run.returncode == 0 else f"exit {run.returncode}"
@@ -97,11 +111,19 @@ def profile_fit(photos, device, budget=400, batch=1024, iterations=100):
     from torch.profiler import ProfilerActivity, profile
 
     images = batch_of(photos, batch, device)
-    fit_splats(images[:64], num_splats=budget, iterations=10, device=device, progress=False)  # warm-up
+    fit_splats(
+        images[:64], num_splats=budget, iterations=10, device=device, progress=False
+    )  # warm-up
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fit_splats(images, num_splats=budget, iterations=iterations, device=device, progress=False,
-                   batch_size=batch)
+        fit_splats(
+            images,
+            num_splats=budget,
+            iterations=iterations,
+            device=device,
+            progress=False,
+            batch_size=batch,
+        )
         sync(device)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
     log(f"profile of a fit, N={budget}, batch {batch}, {iterations} iterations:\n{table}")
@@ -110,8 +132,12 @@ def profile_fit(photos, device, budget=400, batch=1024, iterations=100):
     splats = random_splats(batch, int(budget * 1.5), dtype=torch.float32, seed=0).to(device)
     for name, fn in [
         ("forward", lambda: ops.render(splats, 224, 224, "kernel")),
-        ("forward+backward", lambda: torch.autograd.grad(
-            ops.render(splats.requires_grad_(), 224, 224, "kernel").sum(), splats)),
+        (
+            "forward+backward",
+            lambda: torch.autograd.grad(
+                ops.render(splats.requires_grad_(), 224, 224, "kernel").sum(), splats
+            ),
+        ),
     ]:
         fn()
         sync(device)
@@ -119,8 +145,10 @@ def profile_fit(photos, device, budget=400, batch=1024, iterations=100):
         for _ in range(10):
             fn()
         sync(device)
-        log(f"{name} alone, batch {batch}, N={splats.shape[1]}: "
-            f"{(time.perf_counter() - start) / 10 * 1e3:.2f} ms")
+        log(
+            f"{name} alone, batch {batch}, N={splats.shape[1]}: "
+            f"{(time.perf_counter() - start) / 10 * 1e3:.2f} ms"
+        )
 
 
 def batch_of(photos, batch, device):
@@ -136,8 +164,14 @@ def timed_fit(images, budget, iterations, device, batch_size=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = fit_splats(images, num_splats=budget, iterations=iterations, device=device, progress=False,
-                        batch_size=batch_size or len(images))
+    result = fit_splats(
+        images,
+        num_splats=budget,
+        iterations=iterations,
+        device=device,
+        progress=False,
+        batch_size=batch_size or len(images),
+    )
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
@@ -164,35 +198,55 @@ def gpu_busy_share(images, budget, iterations, device) -> float:
         while not done.wait(0.02):
             samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
 
-    fit_splats(images[:64], num_splats=budget, iterations=5, device=device, progress=False)  # warm-up
+    fit_splats(
+        images[:64], num_splats=budget, iterations=5, device=device, progress=False
+    )  # warm-up
     sync(device)
     thread = threading.Thread(target=sample)
     thread.start()
-    fit_splats(images, num_splats=budget, iterations=iterations, device=device, progress=False,
-               batch_size=len(images))
+    fit_splats(
+        images,
+        num_splats=budget,
+        iterations=iterations,
+        device=device,
+        progress=False,
+        batch_size=len(images),
+    )
     sync(device)
     done.set()
     thread.join()
-    steady = samples[len(samples) // 10:]  # NVML averages over its own window: skip the ramp
+    steady = samples[len(samples) // 10 :]  # NVML averages over its own window: skip the ramp
     return sum(steady) / max(1, len(steady)) / 100
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "out/gpu"))
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--budgets", type=int, nargs="+", default=[400, 900, 1600, 3136])
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--iterations", type=int, default=600)
-    parser.add_argument("--target-psnr", type=float, default=27.9,
-                        help="mean dB the CPU fitter reaches at N=400 by default (docs)")
+    parser.add_argument(
+        "--target-psnr",
+        type=float,
+        default=27.9,
+        help="mean dB the CPU fitter reaches at N=400 by default (docs)",
+    )
     parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--deadline", type=float, default=420,
-                        help="seconds after which the timing grid skips configs predicted to overrun")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=420,
+        help="seconds after which the timing grid skips configs predicted to overrun",
+    )
     parser.add_argument("--sanitize-target", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", action="store_true",
-                        help="only build, check and profile one fit (where the time goes)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only build, check and profile one fit (where the time goes)",
+    )
     args = parser.parse_args()
     if args.sanitize_target:
         return sanitize_target()
@@ -210,20 +264,26 @@ def main():
     LOG_FILE.write_text("")
     summary: list[tuple[str, str]] = []
 
-    log(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    log(f"torch {torch.__version__}, device {name}")
     start = time.perf_counter()
     built = extension.build(cuda=device.type == "cuda")
     extension.load()
-    log(f"built {built['name']} ({built['devices']}, archs {built['cuda_archs']}) "
-        f"in {time.perf_counter() - start:.0f} s")
+    log(
+        f"built {built['name']} ({built['devices']}, archs {built['cuda_archs']}) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
 
     log("correctness vs reference (fp32 kernel vs fp64 reference):")
     worst = check_correctness(device, trials=2 if args.dry_run else 8)
     summary.append(("max rel err (goal < 1e-4)", f"{worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'}"))
 
     if not args.skip_tests and not args.dry_run:
-        test = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py",
-                               "tests/test_render.py"], capture_output=True, text=True)
+        test = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_render.py"],
+            capture_output=True,
+            text=True,
+        )
         log(test.stdout[-6000:] + test.stderr[-3000:])
         tail = (test.stdout.strip().splitlines() or ["no output"])[-1]
         log("GPU tests:", tail)
@@ -239,7 +299,8 @@ def main():
         for batch in args.batches:
             elapsed = time.perf_counter() - start
             if last and elapsed + last[1] * batch / last[0] > args.deadline:
-                log(f"N={budget} batch={batch}: skipped, would pass the {args.deadline:.0f} s deadline")
+                deadline = f"{args.deadline:.0f} s"
+                log(f"N={budget} batch={batch}: skipped, would pass the {deadline} deadline")
                 continue
             images = batch_of(photos, batch, device)
             try:
@@ -250,8 +311,10 @@ def main():
             rate = batch / seconds
             last = (batch, seconds)
             rows.append((budget, batch, rate, float(result.psnr.mean()), peak / batch))
-            log(f"N={budget} batch={batch}: {rate:.1f} images/s at {args.iterations} iterations, "
-                f"mean PSNR {result.psnr.mean():.2f} dB, peak {peak / batch / 2**20:.2f} MiB/image")
+            log(
+                f"N={budget} batch={batch}: {rate:.1f} images/s at {args.iterations} iterations, "
+                f"mean PSNR {result.psnr.mean():.2f} dB, peak {peak / batch / 2**20:.2f} MiB/image"
+            )
 
     budget, batch = 400, max(args.batches)
     images = batch_of(photos, batch, device)
@@ -264,30 +327,42 @@ def main():
             iterations = min(iterations, args.iterations)
         result, seconds, _ = timed_fit(images, budget, iterations, device)
         psnr = float(result.psnr.mean())
-        log(f"  to target: {iterations} iterations -> {psnr:.2f} dB, {batch / seconds:.1f} images/s")
+        log(
+            f"  to target: {iterations} iterations -> {psnr:.2f} dB, {batch / seconds:.1f} images/s"
+        )
         if psnr >= args.target_psnr or args.dry_run:
             target_rate = (iterations, batch / seconds, psnr)
             break
     share = gpu_busy_share(images, budget, 200 if not args.dry_run else 5, device)
     log(f"GPU utilisation during a fit (NVML, N=400, batch {batch}): {share:.1%}")
 
-    loop_images = images[:16 if not args.dry_run else 2]
+    loop_images = images[: 16 if not args.dry_run else 2]
     _, loop_seconds, _ = timed_fit(loop_images, budget, args.iterations, device, batch_size=1)
     loop_rate = len(loop_images) / loop_seconds
     batched = next((r for r in rows if r[0] == 400 and r[1] == batch), None)
     log(f"per-image loop baseline: {loop_rate:.2f} images/s")
 
     summary += [
-        ("N=400 images/s to target", f"{target_rate[1]:.0f} ({target_rate[0]} it, "
-         f"{target_rate[2]:.2f} dB; goal >= 1400 at {args.target_psnr} dB)" if target_rate
-         else "target not reached"),
+        (
+            "N=400 images/s to target",
+            f"{target_rate[1]:.0f} ({target_rate[0]} it, "
+            f"{target_rate[2]:.2f} dB; goal >= 1400 at {args.target_psnr} dB)"
+            if target_rate
+            else "target not reached",
+        ),
         ("GPU utilisation (NVML)", f"{share:.1%} (goal >= 95%)"),
-        (f"batched vs per-image loop (batch {batch})",
-         f"{batched[2] / loop_rate:.1f}x (goal >= 50x)" if batched else "n/a"),
+        (
+            f"batched vs per-image loop (batch {batch})",
+            f"{batched[2] / loop_rate:.1f}x (goal >= 50x)" if batched else "n/a",
+        ),
     ]
     for budget_, batch_, rate, psnr, per_image in rows:
-        summary.append((f"N={budget_} batch={batch_}", f"{rate:.0f} img/s, {psnr:.2f} dB, "
-                        f"{per_image / 2**20:.2f} MiB/img"))
+        summary.append(
+            (
+                f"N={budget_} batch={batch_}",
+                f"{rate:.0f} img/s, {psnr:.2f} dB, {per_image / 2**20:.2f} MiB/img",
+            )
+        )
 
     width = max(len(k) for k, _ in summary)
     log("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in summary))

@@ -1,7 +1,8 @@
 """Forward time of splat_vit_b16 on pre-fitted splats against timm's vit_base_patch16_224 on
 pixels, same batch, same machine, one run (runs interleaved, median of the repeats).
 
-    python benchmarks/model_speed.py [--batch 32] [--budgets 400 1600 3136] [--repeats 5] [--device cpu]
+    python benchmarks/model_speed.py [--batch 32] [--budgets 400 1600 3136] [--repeats 5] \\
+        [--device cpu]
 
 Goal: at most 1.15x the ViT's time at N=400. Fitting is not timed: the splats are pre-fitted
 (as a pre-fitted dataset serves them).
@@ -31,8 +32,9 @@ def timed(fn, device) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--budgets", type=int, nargs="+", default=[400, 1600, 3136])
     parser.add_argument("--repeats", type=int, default=5)
@@ -64,8 +66,7 @@ def main():
 
     base = statistics.median(times["vit_base_patch16_224 (pixels)"])
     threads = torch.get_num_threads() if device.type == "cpu" else ""
-    print(f"forward, batch {args.batch}, {device.type} {threads} threads, median of "
-          f"{args.repeats}")
+    print(f"forward, batch {args.batch}, {device.type} {threads} threads, median of {args.repeats}")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:32s} {median * 1e3:9.1f} ms  {median / base:5.2f}x")

@@ -18,8 +18,9 @@ def splats():
 
 
 def test_hflip_is_the_mirrored_image(splats):
-    torch.testing.assert_close(render_splats(hflip(splats), 20, 24),
-                               render_splats(splats, 20, 24).flip(-1))
+    torch.testing.assert_close(
+        render_splats(hflip(splats), 20, 24), render_splats(splats, 20, 24).flip(-1)
+    )
 
 
 def test_crop_is_the_zoomed_region(splats):
@@ -27,8 +28,9 @@ def test_crop_is_the_zoomed_region(splats):
     keeping the top-left quarter (pixel centres line up exactly)."""
     zoomed = crop(splats, (0.0, 0.0, 0.5, 0.5))
     check_splats(zoomed)
-    torch.testing.assert_close(render_splats(zoomed, 16, 18),
-                               render_splats(splats, 32, 36)[..., :16, :18])
+    torch.testing.assert_close(
+        render_splats(zoomed, 16, 18), render_splats(splats, 32, 36)[..., :16, :18]
+    )
     assert (splat_count(zoomed) < splat_count(splats)).all()  # splats off the region dropped
 
 

@@ -18,8 +18,19 @@ def test_fit_end_to_end(tmp_path, astronaut_64, capsys):
         tmp_path / "ramp.jpg"
     )
     out = tmp_path / "out"
-    code = main(["fit", str(tmp_path / "photo.png"), str(tmp_path / "ramp.jpg"),
-                 "--num-splats", "60", "--iterations", "40", "--out", str(out)])
+    code = main(
+        [
+            "fit",
+            str(tmp_path / "photo.png"),
+            str(tmp_path / "ramp.jpg"),
+            "--num-splats",
+            "60",
+            "--iterations",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "photo.png" in printed and "ramp.jpg" in printed and "PSNR" in printed
@@ -46,9 +57,22 @@ def test_fit_reports_bad_files(tmp_path, capsys):
 def test_console_script_demo_runs(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "timm-splat")
     result = subprocess.run(
-        [script, "demo", "--out", str(tmp_path), "--budgets", "30", "60", "--size", "32",
-         "--iterations", "20"],
-        capture_output=True, text=True, timeout=600,
+        [
+            script,
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--budgets",
+            "30",
+            "60",
+            "--size",
+            "32",
+            "--iterations",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mean at    60 splats" in result.stdout

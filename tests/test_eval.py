@@ -17,13 +17,18 @@ import timm_splat
 from timm_splat import cli
 from timm_splat.cli import clip_benchmark as benchmark
 from timm_splat.data import labelled_loader as build_loader
-from timm_splat.evaluation import (evaluate_zero_shot, load_classnames, load_templates,
-                                   zero_shot_classifier)
+from timm_splat.evaluation import (
+    evaluate_zero_shot,
+    load_classnames,
+    load_templates,
+    zero_shot_classifier,
+)
 from timm_splat.samples import sample_photos
 
 
 def main(argv):
     return cli.main(["eval", *argv])
+
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 CLASSNAMES = ["astronaut", "coffee", "cat", "rocket", "motorcycle", "retina", "dog", "car"]
@@ -38,25 +43,34 @@ def photos():
 @pytest.fixture(scope="module")
 def prefit(photos, tmp_path_factory):
     """A labelled pre-fitted dataset in the published schema, laid out like a Hub dataset."""
-    fitted = timm_splat.fit_splats(list(photos.values()), num_splats=FIT["num_splats"], progress=False,
-                                   iterations=FIT["iterations"])
+    fitted = timm_splat.fit_splats(
+        list(photos.values()),
+        num_splats=FIT["num_splats"],
+        progress=False,
+        iterations=FIT["iterations"],
+    )
     rows = {
         # real rows only (differing counts), as the writer stores them
         "splats": [s[timm_splat.splat_mask(s)].half().numpy() for s in fitted.splats],
         "label": list(range(len(PHOTOS))),
-        "caption": [f"a photo of a {name}" for name in CLASSNAMES[:len(PHOTOS)]],
+        "caption": [f"a photo of a {name}" for name in CLASSNAMES[: len(PHOTOS)]],
         "source_id": list(PHOTOS),
         "psnr": fitted.psnr.tolist(),
     }
-    features = datasets.Features({
-        "splats": datasets.List(datasets.List(datasets.Value("float16"), length=8)),
-        "label": datasets.Value("int64"), "caption": datasets.Value("string"),
-        "source_id": datasets.Value("string"), "psnr": datasets.Value("float32"),
-    })
+    features = datasets.Features(
+        {
+            "splats": datasets.List(datasets.List(datasets.Value("float16"), length=8)),
+            "label": datasets.Value("int64"),
+            "caption": datasets.Value("string"),
+            "source_id": datasets.Value("string"),
+            "psnr": datasets.Value("float32"),
+        }
+    )
     folder = tmp_path_factory.mktemp("prefit")
     (folder / "data").mkdir()
     datasets.Dataset.from_dict(rows, features=features).to_parquet(
-        str(folder / "data" / "validation-00000-of-00001.parquet"))
+        str(folder / "data" / "validation-00000-of-00001.parquet")
+    )
     return folder
 
 
@@ -70,7 +84,9 @@ def clip():
 def run_dir(clip, tmp_path_factory):
     final = tmp_path_factory.mktemp("run") / "final"
     final.mkdir()
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(final / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in clip.state_dict().items()}, str(final / "model.safetensors")
+    )
     (final / "run.json").write_text(json.dumps({"model": "splat-ViT-test", "num_splats": 16}))
     return final.parent
 
@@ -128,10 +144,30 @@ def write_image_folder(root, photos):
 def test_main_on_an_image_folder(photos, tmp_path, capsys):
     write_image_folder(tmp_path / "images", photos)
     out = tmp_path / "results.json"
-    code = main(["--model", "splat-ViT-test", "--data", str(tmp_path / "images"),
-                 "--classnames", "folder", "--templates", "a photo of a {}.",
-                 "--num-splats", "16", "--image-size", "32", "--iterations", "10",
-                 "--batch-size", "4", "--device", "cpu", "--output", str(out)])
+    code = main(
+        [
+            "--model",
+            "splat-ViT-test",
+            "--data",
+            str(tmp_path / "images"),
+            "--classnames",
+            "folder",
+            "--templates",
+            "a photo of a {}.",
+            "--num-splats",
+            "16",
+            "--image-size",
+            "32",
+            "--iterations",
+            "10",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "top1" in capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -141,22 +177,44 @@ def test_main_on_an_image_folder(photos, tmp_path, capsys):
 
 def test_main_on_prefitted_splats_with_a_run_dir(clip, run_dir, prefit, tmp_path, capsys):
     out = tmp_path / "results.json"
-    args = ["--pretrained", str(run_dir), "--data", str(prefit), "--classnames", ",".join(CLASSNAMES),
-            "--templates", "simple", "--batch-size", "2", "--device", "cpu"]
+    args = [
+        "--pretrained",
+        str(run_dir),
+        "--data",
+        str(prefit),
+        "--classnames",
+        ",".join(CLASSNAMES),
+        "--templates",
+        "simple",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args + ["--output", str(out)]) == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
-    assert (result["model"], result["num_splats"], result["split"]) == ("splat-ViT-test", 16, "validation")
+    assert (result["model"], result["num_splats"], result["split"]) == (
+        "splat-ViT-test",
+        16,
+        "validation",
+    )
     # the CLI's numbers are evaluate_zero_shot's on the same model
-    classifier = zero_shot_classifier(clip, open_clip.get_tokenizer("splat-ViT-test"), CLASSNAMES,
-                                      load_templates(["simple"]))
+    classifier = zero_shot_classifier(
+        clip, open_clip.get_tokenizer("splat-ViT-test"), CLASSNAMES, load_templates(["simple"])
+    )
     direct = evaluate_zero_shot(clip, classifier, build_loader(prefit, batch_size=2)[0])
-    assert (result["top1"], result["top5"], result["n"]) == (direct["top1"], direct["top5"], direct["n"])
+    assert (result["top1"], result["top5"], result["n"]) == (
+        direct["top1"],
+        direct["top5"],
+        direct["n"],
+    )
     assert main(args[:-4] + ["--classnames", "a,b"]) == 2  # labels 2, 3 have no class name
     assert "--classnames" in capsys.readouterr().err
     assert main(args + ["--split", "train"]) == 2
 
 
 # ----------------------------------------------------------------------- clip_benchmark
+
 
 @pytest.fixture
 def fake_clip_benchmark(monkeypatch):
@@ -168,15 +226,22 @@ def fake_clip_benchmark(monkeypatch):
     models.MODEL_TYPES = list(models.TYPE2FUNC)
     metrics = types.ModuleType("clip_benchmark.metrics")
     zsc = types.ModuleType("clip_benchmark.metrics.zeroshot_classification")
-    exec("def accuracy(output, target, topk=(1,)):\n"
-         "    pred = output.topk(max(topk), 1, True, True)[1].t()\n"
-         "    correct = pred.eq(target.view(1, -1).expand_as(pred))\n"
-         "    return [float(correct[:k].reshape(-1).float().sum(0, keepdim=True).numpy()) / len(target)\n"
-         "            for k in topk]\n", zsc.__dict__)
+    exec(
+        "def accuracy(output, target, topk=(1,)):\n"
+        "    pred = output.topk(max(topk), 1, True, True)[1].t()\n"
+        "    correct = pred.eq(target.view(1, -1).expand_as(pred))\n"
+        "    return [float(correct[:k].reshape(-1).float().sum(0, keepdim=True).numpy())"
+        " / len(target)\n"
+        "            for k in topk]\n",
+        zsc.__dict__,
+    )
     package.models, package.metrics, metrics.zeroshot_classification = models, metrics, zsc
-    for name, module in [("clip_benchmark", package), ("clip_benchmark.models", models),
-                         ("clip_benchmark.metrics", metrics),
-                         ("clip_benchmark.metrics.zeroshot_classification", zsc)]:
+    for name, module in [
+        ("clip_benchmark", package),
+        ("clip_benchmark.models", models),
+        ("clip_benchmark.metrics", metrics),
+        ("clip_benchmark.metrics.zeroshot_classification", zsc),
+    ]:
         monkeypatch.setitem(sys.modules, name, module)
     return package
 
@@ -192,7 +257,8 @@ def test_benchmark_registers_the_splat_type(fake_clip_benchmark, run_dir, photos
     assert models.TYPE2FUNC["splat"] is benchmark.load_splat and models.MODEL_TYPES[-1] == "splat"
     assert zsc.accuracy(logits, target, topk=(1, 2)) == [0.5, 1.0]
     model, transform, tokenizer = models.TYPE2FUNC["splat"](
-        model_name="splat-ViT-test", pretrained=str(run_dir), cache_dir=None, device="cpu")
+        model_name="splat-ViT-test", pretrained=str(run_dir), cache_dir=None, device="cpu"
+    )
     assert model.encode_text(tokenizer(["a cat"])).shape == (1, 32)
     # The transform gives pixels; encode_image fits the whole batch in one call, the same fits
     # as fitting each image on its own with the model's budget.

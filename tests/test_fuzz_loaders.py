@@ -14,8 +14,9 @@ from timm_splat.data import collate_prefit, load_prefit
 from timm_splat.images import to_rgb_tensors
 from timm_splat.splats import check_splats, from_fp16_bytes, load_splats, save_splats
 
-FUZZ = settings(max_examples=60, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def mutate(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes:
@@ -81,9 +82,12 @@ def test_splat_files(tmp_path, flips, cut):
 
 
 @FUZZ
-@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
-                       min_size=8, max_size=64),
-       dtype=st.sampled_from([torch.float16, torch.float32, torch.int32]))
+@given(
+    values=st.lists(
+        st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=8, max_size=64
+    ),
+    dtype=st.sampled_from([torch.float16, torch.float32, torch.int32]),
+)
 def test_prefit_rows(values, dtype):
     rows = torch.tensor(values[: len(values) // 8 * 8]).view(-1, 8)
     if dtype is torch.int32:
@@ -106,21 +110,29 @@ def shard_bytes(tmp_path_factory):
     splats = torch.zeros(3, 4, 8)
     splats[..., :2], splats[..., 2], splats[..., 4], splats[..., 5:] = 0.5, 0.1, 0.1, 0.3
     folder = tmp_path_factory.mktemp("shard")
-    Dataset.from_dict({"splats": splats.half().numpy(), "label": [0, 1, 2],
-                       "caption": ["a", "b", None], "source_id": ["0", "1", "2"],
-                       "psnr": [30.0] * 3}, features=prefit_features(4)).to_parquet(
-        str(folder / "shard.parquet"))
+    Dataset.from_dict(
+        {
+            "splats": splats.half().numpy(),
+            "label": [0, 1, 2],
+            "caption": ["a", "b", None],
+            "source_id": ["0", "1", "2"],
+            "psnr": [30.0] * 3,
+        },
+        features=prefit_features(4),
+    ).to_parquet(str(folder / "shard.parquet"))
     return (folder / "shard.parquet").read_bytes()
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(flips=FLIPS, cut=CUTS)
 def test_mutated_shards(tmp_path_factory, shard_bytes, flips, cut):
     folder = tmp_path_factory.mktemp("mutated")
     (folder / "data").mkdir()
     (folder / "data" / "validation-00000-00000.parquet").write_bytes(
-        mutate(shard_bytes, flips, cut))
+        mutate(shard_bytes, flips, cut)
+    )
     try:
         rows = load_prefit(folder, "validation", cache_dir=str(folder / "cache"))
         batch = collate_prefit([rows[i] for i in range(len(rows))], target="label")

@@ -12,14 +12,19 @@ import open_clip
 import pytest
 import timm
 import torch
+from conftest import random_splats
 from safetensors.torch import load_file, save_file
 
 import timm_splat  # noqa: F401  (registers the splat models)
-from conftest import random_splats
 from timm_splat import cli, hub
 
-REPO_FILES = {"config.json", "model.safetensors", "open_clip_config.json",
-              "open_clip_model.safetensors", "README.md"}
+REPO_FILES = {
+    "config.json",
+    "model.safetensors",
+    "open_clip_config.json",
+    "open_clip_model.safetensors",
+    "README.md",
+}
 FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -35,9 +40,16 @@ def clip():
 @pytest.fixture(scope="module")
 def saved(clip, tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved") / "repo"
-    return hub.save_pretrained(clip, folder, num_splats=24, metrics={"imagenet_top1": 0.1234},
-                               data="skimage sample photos", base_model="hf-hub:org/base-clip",
-                               repo_id="org/splat-test", stage="clip")
+    return hub.save_pretrained(
+        clip,
+        folder,
+        num_splats=24,
+        metrics={"imagenet_top1": 0.1234},
+        data="skimage sample photos",
+        base_model="hf-hub:org/base-clip",
+        repo_id="org/splat-test",
+        stage="clip",
+    )
 
 
 def serve(cache: Path, repo_id: str, folder: Path) -> None:
@@ -52,10 +64,18 @@ def test_saved_folder_layout(saved):
     assert {p.name for p in saved.iterdir()} == REPO_FILES
     config = json.loads((saved / "config.json").read_text())
     assert config["architecture"] == "splat_vit_test"
-    assert (config["num_classes"], config["num_features"], config["global_pool"]) == (32, 64, "token")
+    assert (config["num_classes"], config["num_features"], config["global_pool"]) == (
+        32,
+        64,
+        "token",
+    )
     assert config["model_args"]["num_splats"] == 24
     assert "num_splats" not in config["pretrained_cfg"]  # timm's PretrainedCfg has no such field
-    assert config["pretrained_cfg"]["mean"] and config["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    assert config["pretrained_cfg"]["mean"] and config["pretrained_cfg"]["input_size"] == [
+        3,
+        224,
+        224,
+    ]
     oc = json.loads((saved / "open_clip_config.json").read_text())
     assert oc["model_cfg"]["vision_cfg"]["timm_model_name"] == "splat_vit_test"
     assert oc["timm_splat"] == {"model_name": "splat-ViT-test", "num_splats": 24}
@@ -63,8 +83,15 @@ def test_saved_folder_layout(saved):
     timm_weights = load_file(saved / "model.safetensors")
     assert torch.count_nonzero(timm_weights["head.bias"]) == 0
     card = (saved / "README.md").read_text()
-    for text in ("library_name: timm", "- open_clip", "license: apache-2.0", "base_model: org/base-clip",
-                 "24 splats per image", "imagenet_top1 | 0.1234", 'hf-hub:org/splat-test'):
+    for text in (
+        "library_name: timm",
+        "- open_clip",
+        "license: apache-2.0",
+        "base_model: org/base-clip",
+        "24 splats per image",
+        "imagenet_top1 | 0.1234",
+        "hf-hub:org/splat-test",
+    ):
         assert text in card, text
 
 
@@ -80,7 +107,7 @@ def test_hub_round_trip_through_timm_and_open_clip(clip, saved, tmp_path):
     code = f"""
 import torch, timm, open_clip, timm_splat, timm_splat.hub, timm_splat.models
 from safetensors.torch import load_file, save_file
-splats = load_file({str(tmp_path / 'splats.safetensors')!r})["splats"]
+splats = load_file({str(tmp_path / "splats.safetensors")!r})["splats"]
 out = {{}}
 with torch.no_grad():
     vit = timm.create_model("hf-hub:org/splat-test", pretrained=True).eval()
@@ -96,13 +123,19 @@ with torch.no_grad():
     out["small"] = small(splats)
 out["budgets"] = torch.tensor([vit.num_splats, vit._model_args["num_splats"], info["num_splats"],
                                small.num_splats])
-save_file({{k: v.contiguous() for k, v in out.items()}}, {str(tmp_path / 'out.safetensors')!r})
+save_file({{k: v.contiguous() for k, v in out.items()}}, {str(tmp_path / "out.safetensors")!r})
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(cache),
-               HF_HUB_DISABLE_TELEMETRY="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_CACHE=str(cache),
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
     env.pop("HF_TOKEN", None)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = load_file(tmp_path / "out.safetensors")
     tokens = out["tokens"]
@@ -162,10 +195,22 @@ def run_dir(clip, tmp_path):
     """A training run directory as timm_splat.training leaves it."""
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(final / "model.safetensors"))
-    (final / "run.json").write_text(json.dumps({
-        "model": "splat-ViT-test", "num_splats": 36, "stage": "clip", "data": "tiny",
-        "metrics": {"top1": 0.5}, "teacher": "ViT-B-16", "teacher_pretrained": "datacomp_xl_s13b_b90k"}))
+    save_file(
+        {k: v.contiguous() for k, v in clip.state_dict().items()}, str(final / "model.safetensors")
+    )
+    (final / "run.json").write_text(
+        json.dumps(
+            {
+                "model": "splat-ViT-test",
+                "num_splats": 36,
+                "stage": "clip",
+                "data": "tiny",
+                "metrics": {"top1": 0.5},
+                "teacher": "ViT-B-16",
+                "teacher_pretrained": "datacomp_xl_s13b_b90k",
+            }
+        )
+    )
     return final.parent
 
 
@@ -181,7 +226,9 @@ def test_push_run(clip, run_dir, tmp_path):
     out = tmp_path / "folder"
     assert cli.main(["push", str(run_dir), "org/run", "--folder-only", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == REPO_FILES
-    assert torch.equal(load_file(out / "open_clip_model.safetensors")["logit_scale"], clip.logit_scale)
+    assert torch.equal(
+        load_file(out / "open_clip_model.safetensors")["logit_scale"], clip.logit_scale
+    )
     assert cli.main(["push", str(tmp_path / "nowhere"), "org/run", "--folder-only", str(out)]) == 2
 
 
@@ -191,5 +238,7 @@ def test_card_names_datasets_only_by_hub_id(tmp_path):
     local.mkdir(parents=True)
     card = (hub.save_pretrained(tiny, tmp_path / "a", data=str(local)) / "README.md").read_text()
     assert "datasets:" not in card.split("---")[1]  # a local path is not Hub metadata
-    card = (hub.save_pretrained(tiny, tmp_path / "b", data="org/in1k-gs400") / "README.md").read_text()
+    card = (
+        hub.save_pretrained(tiny, tmp_path / "b", data="org/in1k-gs400") / "README.md"
+    ).read_text()
     assert "datasets:\n- org/in1k-gs400" in card.split("---")[1]

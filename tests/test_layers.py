@@ -77,7 +77,9 @@ def graph() -> dict[str, set[str]]:
 
 def test_every_unit_has_a_layer():
     units = {unit_of(module_name(p)) for p in PACKAGE.rglob("*.py")} - FACE
-    assert units <= set(LAYER_OF), f"add {sorted(units - set(LAYER_OF))} to LAYERS and CONTRIBUTING.md"
+    assert units <= set(LAYER_OF), (
+        f"add {sorted(units - set(LAYER_OF))} to LAYERS and CONTRIBUTING.md"
+    )
 
 
 def test_imports_go_down_the_layers():
@@ -93,7 +95,9 @@ def test_imports_go_down_the_layers():
             if other in FACE or target == "timm_splat":
                 wrong.append(f"{module} -> {target} (the package face)")
             elif LAYER_OF[other] >= LAYER_OF[unit]:
-                wrong.append(f"{module} (layer {LAYER_OF[unit]}) -> {target} (layer {LAYER_OF[other]})")
+                wrong.append(
+                    f"{module} (layer {LAYER_OF[unit]}) -> {target} (layer {LAYER_OF[other]})"
+                )
     assert not wrong, "imports against the layers:\n" + "\n".join(sorted(wrong))
 
 
@@ -107,7 +111,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for nxt in edges.get(node, ()):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -132,17 +136,22 @@ def test_checker_sees_a_back_edge(tmp_path, monkeypatch):
         test_no_import_cycles()
 
 
-@pytest.mark.parametrize("blocked", [("timm", "torchvision", "open_clip", "datasets", "accelerate")])
+@pytest.mark.parametrize(
+    "blocked", [("timm", "torchvision", "open_clip", "datasets", "accelerate")]
+)
 def test_the_core_needs_torch_alone(blocked):
     """Kernels, fitting and splat IO import and run with torch (and numpy, pillow, safetensors,
     tqdm) alone; the models come with timm."""
     block = "; ".join(f"sys.modules[{name!r}] = None" for name in blocked)
-    code = (f"import sys; {block}\n"
-            "import torch, timm_splat\n"
-            "result = timm_splat.fit_splats(torch.rand(1, 3, 8, 8), num_splats=4, iterations=2)\n"
-            "print(hasattr(timm_splat, 'from_rgb'), tuple(result.splats.shape), "
-            "tuple(timm_splat.render_splats(torch.zeros(1, 2, 8), 4, 4).shape))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    code = (
+        f"import sys; {block}\n"
+        "import torch, timm_splat\n"
+        "result = timm_splat.fit_splats(torch.rand(1, 3, 8, 8), num_splats=4, iterations=2)\n"
+        "print(hasattr(timm_splat, 'from_rgb'), tuple(result.splats.shape), "
+        "tuple(timm_splat.render_splats(torch.zeros(1, 2, 8), 4, 4).shape))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False (1, 4, 8) (1, 3, 4, 4)"

@@ -8,10 +8,10 @@ import open_clip
 import pytest
 import timm
 import torch
+from conftest import random_splats
 from timm.data import resolve_model_data_config
 
 import timm_splat
-from conftest import random_splats
 from timm_splat import SplatTransform, SplatVisionTransformer, freeze, from_rgb
 
 FULL_SIZE = ["splat_vit_s16", "splat_vit_b16", "splat_vit_b32", "splat_vit_l14"]
@@ -33,8 +33,10 @@ def test_full_size_models_build(name):
     model = timm.create_model(name)
     params = sum(p.numel() for p in model.parameters())
     stem = sum(p.numel() for p in model.patch_embed.parameters())
-    print(f"{name}: {params / 1e6:.1f}M parameters, GS stem {stem / 1e6:.2f}M, "
-          f"{model.patch_embed.num_patches} latents, budget {model.num_splats}")
+    print(
+        f"{name}: {params / 1e6:.1f}M parameters, GS stem {stem / 1e6:.2f}M, "
+        f"{model.patch_embed.num_patches} latents, budget {model.num_splats}"
+    )
     assert isinstance(model, SplatVisionTransformer)
     assert model.pos_embed.shape[1] == 196 + 1
     assert model.num_splats == 400
@@ -132,7 +134,9 @@ def test_bad_inputs_are_explained(tiny):
 
 
 def test_pixels_are_fitted_with_the_cfg_budget(astronaut_64):
-    model = timm.create_model("splat_vit_test", num_splats=32, fit_options={"iterations": 20}).eval()
+    model = timm.create_model(
+        "splat_vit_test", num_splats=32, fit_options={"iterations": 20}
+    ).eval()
     cfg = resolve_model_data_config(model)
     transform = SplatTransform.from_config(model, image_size=64, iterations=20)
     assert transform.num_splats == 32
@@ -148,7 +152,11 @@ def test_pixels_are_fitted_with_the_cfg_budget(astronaut_64):
 
 def test_from_config_with_a_data_config(tiny):
     transform = SplatTransform.from_config(resolve_model_data_config(tiny))
-    assert (transform.num_splats, transform.image_size, transform.crop_pct) == (400, (224, 224), 1.0)
+    assert (transform.num_splats, transform.image_size, transform.crop_pct) == (
+        400,
+        (224, 224),
+        1.0,
+    )
 
 
 def test_from_rgb_copies_a_timm_vit_exactly():
@@ -210,8 +218,12 @@ def test_from_rgb_keeps_quick_gelu():
     assert uses_quick_gelu(student)
     tokens = torch.randn(1, 50, 64)
     with torch.no_grad():
-        torch.testing.assert_close(student.visual.trunk.blocks[0](tokens),
-                                   rgb.visual.transformer.resblocks[0](tokens), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            student.visual.trunk.blocks[0](tokens),
+            rgb.visual.transformer.resblocks[0](tokens),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_from_rgb_rejects_what_it_cannot_mirror():
@@ -225,8 +237,11 @@ def test_freeze_presets_on_the_tiny_model():
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"patch_embed"}
     freeze(model, "clip")
-    trainable = {".".join(n.split(".")[:2]) if n.startswith("blocks") else n.split(".")[0]
-                 for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        ".".join(n.split(".")[:2]) if n.startswith("blocks") else n.split(".")[0]
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     assert trainable == {"patch_embed", "blocks.0", "blocks.1", "norm", "head"}
     with pytest.raises(ValueError, match="stage must be one of"):
         freeze(model, "all")
@@ -255,12 +270,14 @@ def test_models_work_without_compiled_kernels():
     code = (
         "import torch, timm, timm_splat\n"
         "from timm_splat import extension\n"
-        "m = timm.create_model('splat_vit_test', num_splats=8, fit_options={'iterations': 3}).eval()\n"
+        "m = timm.create_model('splat_vit_test', num_splats=8,\n"
+        "                      fit_options={'iterations': 3}).eval()\n"
         "x = (torch.rand(1, 3, 16, 16) - m.pixel_mean) / m.pixel_std\n"
         "with torch.no_grad(): print(tuple(m(x).shape), extension.cuda_kernels_loaded())\n"
     )
     env = dict(os.environ, TIMM_SPLAT_NO_KERNELS="1")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 1000) False"

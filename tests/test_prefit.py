@@ -18,8 +18,8 @@ import torch
 from PIL import ImageOps
 from torch.utils.data import DataLoader
 
-from timm_splat.data import collate_prefit, load_prefit, open_source
 from timm_splat import cli
+from timm_splat.data import collate_prefit, load_prefit, open_source
 from timm_splat.samples import sample_photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,13 @@ def run_args(dataset, out, *extra):
 
 def child_env(**extra):
     path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(path))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(path),
+    )
     env.update(extra)
     return env
 
@@ -108,7 +113,8 @@ def test_folder_prefit_loads_back(baseline, expected, tmp_path):
     assert row["splats"].dtype == torch.float16 and row["splats"].shape == (16, 8)
     assert all(10 < r["psnr"] < 60 for r in rows.values())
     assert sorted(p.name for p in (out / "data").iterdir()) == [
-        f"{SPLIT}-00000-0000{k}.parquet" for k in range(3)]  # 12 rows, 5 per shard
+        f"{SPLIT}-00000-0000{k}.parquet" for k in range(3)
+    ]  # 12 rows, 5 per shard
 
     # Plain datasets finds the split (through the card's configs) and the stored Features.
     ds = datasets.load_dataset(str(out), split=SPLIT, cache_dir=str(tmp_path))
@@ -118,12 +124,17 @@ def test_folder_prefit_loads_back(baseline, expected, tmp_path):
     card = (out / "README.md").read_text()
     assert f"path: data/{SPLIT}-*" in card and "| validation | 12 | 0 |" in card
 
-    parquet = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"),
-                                    split="train", cache_dir=str(tmp_path))
+    parquet = datasets.load_dataset(
+        "parquet",
+        data_files=str(out / "data" / "*.parquet"),
+        split="train",
+        cache_dir=str(tmp_path),
+    )
     assert parquet.features == ds.features  # the Features travel inside the parquet files
 
-    loader = DataLoader(load_prefit(out, cache_dir=str(tmp_path)), batch_size=5,
-                        collate_fn=collate_prefit)
+    loader = DataLoader(
+        load_prefit(out, cache_dir=str(tmp_path)), batch_size=5, collate_fn=collate_prefit
+    )
     splats, labels = next(iter(loader))
     assert splats.dtype == torch.float32 and splats.shape == (5, 16, 8)
     assert labels.dtype == torch.int64 and labels.shape == (5,)
@@ -133,8 +144,12 @@ def test_folder_prefit_loads_back(baseline, expected, tmp_path):
 def test_kill9_then_resume_gives_the_uninterrupted_result(image_folder, baseline, tmp_path):
     out = tmp_path / "out"
     args = run_args(image_folder, out, "--shard-size", "2", "--batch-size", "1")
-    child = subprocess.Popen([sys.executable, "-m", "timm_splat", "prefit", *args],
-                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "timm_splat", "prefit", *args],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not list((out / "data").glob("*.parquet")) and child.poll() is None:
         assert time.monotonic() < deadline, "no shard appeared"
@@ -179,9 +194,17 @@ def test_two_ranks_split_the_work(image_folder, baseline, tmp_path):
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "timm_splat", "prefit", *args],
-            env=child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                          LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            env=child_env(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for rank in range(2)
     ]
     for child in children:
@@ -189,8 +212,12 @@ def test_two_ranks_split_the_work(image_folder, baseline, tmp_path):
         assert child.returncode == 0, stderr.decode()[-2000:]
 
     for rank in range(2):  # item i went to rank i % 2, in shards of 2
-        events = [json.loads(line) for line in
-                  (out / ".prefit" / SPLIT / f"rank-{rank:05d}.jsonl").read_text().splitlines()]
+        events = [
+            json.loads(line)
+            for line in (out / ".prefit" / SPLIT / f"rank-{rank:05d}.jsonl")
+            .read_text()
+            .splitlines()
+        ]
         assert [i for e in events for i in e["indices"]] == list(range(rank, 12, 2))
         assert len(list((out / "data").glob(f"{SPLIT}-{rank:05d}-*.parquet"))) == 3
     assert_same_splats(read_rows(out, tmp_path / "cache"), baseline[1])
@@ -207,8 +234,11 @@ def test_webdataset_tar_captions(tmp_path):
     photos = list(sample_photos(32).items())
     members = []
     for i, (name, image) in enumerate(photos[:5]):
-        members += [(f"{i:09d}.jpg", _jpeg(image)), (f"{i:09d}.txt", f"a photo of {name}".encode()),
-                    (f"{i:09d}.json", json.dumps({"uid": name}).encode())]
+        members += [
+            (f"{i:09d}.jpg", _jpeg(image)),
+            (f"{i:09d}.txt", f"a photo of {name}".encode()),
+            (f"{i:09d}.json", json.dumps({"uid": name}).encode()),
+        ]
     members.append(("000000099.json", b"{}"))  # a failed download: no image, so no item
     (tmp_path / "shards").mkdir()
     with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
@@ -221,7 +251,8 @@ def test_webdataset_tar_captions(tmp_path):
     assert main(run_args(tmp_path / "shards", out, "--iterations", "5")) == 0
     rows = read_rows(out, tmp_path / "cache")
     assert {k: r["caption"] for k, r in rows.items()} == {
-        f"{i:09d}": f"a photo of {name}" for i, (name, _) in enumerate(photos[:5])}
+        f"{i:09d}": f"a photo of {name}" for i, (name, _) in enumerate(photos[:5])
+    }
     assert all(r["label"] == -1 for r in rows.values())
     splats, captions = collate_prefit([rows[k] for k in sorted(rows)])
     assert splats.shape == (5, 16, 8) and captions[0] == f"a photo of {photos[0][0]}"
@@ -230,12 +261,14 @@ def test_webdataset_tar_captions(tmp_path):
 def test_datasets_sources(tmp_path):
     """A local dataset folder with ImageNet's columns, and img2dataset-style parquet files."""
     photos = list(sample_photos(32).values())[:4]
-    features = datasets.Features(image=datasets.Image(),
-                                 label=datasets.ClassLabel(names=["a", "b", "c"]))
+    features = datasets.Features(
+        image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b", "c"])
+    )
     repo = tmp_path / "repo" / "data"
     repo.mkdir(parents=True)
-    datasets.Dataset.from_dict({"image": photos, "label": [2, 0, 1, -1]}, features=features) \
-        .to_parquet(repo / f"{SPLIT}-00000-of-00001.parquet")
+    datasets.Dataset.from_dict(
+        {"image": photos, "label": [2, 0, 1, -1]}, features=features
+    ).to_parquet(repo / f"{SPLIT}-00000-of-00001.parquet")
     source = open_source(str(tmp_path / "repo"), SPLIT)
     assert source.class_names == ["a", "b", "c"]
     items = list(source.items(rank=1, world_size=2))  # items 1 and 3, nothing else decoded
@@ -245,8 +278,10 @@ def test_datasets_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"jpg": [_jpeg(p) for p in photos], "caption": list("wxyz")}),
-                   tmp_path / "part-0.parquet")
+    pq.write_table(
+        pa.table({"jpg": [_jpeg(p) for p in photos], "caption": list("wxyz")}),
+        tmp_path / "part-0.parquet",
+    )
     source = open_source(str(tmp_path / "*.parquet"), SPLIT)
     assert [(i.caption, i.label) for i in source.items()] == [(c, None) for c in "wxyz"]
 
@@ -254,12 +289,30 @@ def test_datasets_sources(tmp_path):
 def test_dry_run_push_sends_exactly_the_shards_and_the_card(image_folder, tmp_path):
     out, sent = tmp_path / "out", tmp_path / "sent"
     # A first run without pushing, stopped early; the pushing run sends those shards too.
-    assert main(run_args(image_folder, out, "--shard-size", "4", "--limit", "5",
-                         "--iterations", "5")) == 0
-    assert main(run_args(image_folder, out, "--shard-size", "4", "--iterations", "5",
-                         "--dry-run-push", str(sent))) == 0
-    local = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
-                   if p.is_file() and ".prefit" not in p.parts)
+    assert (
+        main(run_args(image_folder, out, "--shard-size", "4", "--limit", "5", "--iterations", "5"))
+        == 0
+    )
+    assert (
+        main(
+            run_args(
+                image_folder,
+                out,
+                "--shard-size",
+                "4",
+                "--iterations",
+                "5",
+                "--dry-run-push",
+                str(sent),
+            )
+        )
+        == 0
+    )
+    local = sorted(
+        p.relative_to(out).as_posix()
+        for p in out.rglob("*")
+        if p.is_file() and ".prefit" not in p.parts
+    )
     assert local == ["README.md"] + [f"data/{SPLIT}-00000-0000{k}.parquet" for k in range(4)]
     assert sorted(p.relative_to(sent).as_posix() for p in sent.rglob("*") if p.is_file()) == local
     for name in local:
@@ -273,14 +326,16 @@ def test_pushed_files_load_offline_from_the_hub_cache(baseline, tmp_path, monkey
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "datasets--org--splats-gs16"
-    shutil.copytree(baseline[0], repo / "snapshots" / commit,
-                    ignore=shutil.ignore_patterns(".prefit"))
+    shutil.copytree(
+        baseline[0], repo / "snapshots" / commit, ignore=shutil.ignore_patterns(".prefit")
+    )
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    rows = {r["source_id"]: r for r in load_prefit("org/splats-gs16",
-                                                   cache_dir=str(tmp_path / "cache"))}
+    rows = {
+        r["source_id"]: r for r in load_prefit("org/splats-gs16", cache_dir=str(tmp_path / "cache"))
+    }
     assert_same_splats(rows, baseline[1])
 
 
@@ -323,10 +378,21 @@ def test_hub_uploader_creates_the_repo_once_and_sends_each_file(image_folder, tm
     uploader = HubUploader("org/splats")
     uploader.api = RecordingHubApi()
     out = tmp_path / "out"
-    prefit(str(image_folder), out, split=SPLIT, num_splats=16, image_size=32, iterations=5,
-           shard_size=6, uploader=uploader, repo_id="org/splats", progress=False)
-    assert uploader.api.repos == [("org/splats", {"repo_type": "dataset", "private": None,
-                                                  "exist_ok": True})]
+    prefit(
+        str(image_folder),
+        out,
+        split=SPLIT,
+        num_splats=16,
+        image_size=32,
+        iterations=5,
+        shard_size=6,
+        uploader=uploader,
+        repo_id="org/splats",
+        progress=False,
+    )
+    assert uploader.api.repos == [
+        ("org/splats", {"repo_type": "dataset", "private": None, "exist_ok": True})
+    ]
     sent = uploader.api.files
     assert sorted(sent) == ["README.md"] + [f"data/{SPLIT}-00000-0000{k}.parquet" for k in (0, 1)]
     assert all(sent[name] == (out / name).read_bytes() for name in sent)
@@ -340,8 +406,9 @@ def write_shard(folder, splats, features=None, **columns):
     (folder / "data").mkdir(parents=True, exist_ok=True)
     rows = {"splats": splats, "label": [0] * len(splats), **columns}
     if features is None:
-        features = Features({"splats": Array2D(splats.shape[1:], "float16"),
-                             "label": Value("int64")})
+        features = Features(
+            {"splats": Array2D(splats.shape[1:], "float16"), "label": Value("int64")}
+        )
     path = folder / "data" / f"{SPLIT}-00000-00000.parquet"
     Dataset.from_dict(rows, features=features).to_parquet(str(path))
     return path
@@ -371,8 +438,14 @@ def test_bad_shards_are_named_before_anything_is_decoded(tmp_path):
         load_prefit(empty, SPLIT, cache_dir=str(tmp_path / "cache"))
 
     bomb = tmp_path / "bomb"  # 2 MB captions compress to almost nothing
-    write_shard(bomb, good_rows(), prefit_features(4), caption=["x" * (2 << 20)] * 2,
-                source_id=["a", "b"], psnr=[30.0, 30.0])
+    write_shard(
+        bomb,
+        good_rows(),
+        prefit_features(4),
+        caption=["x" * (2 << 20)] * 2,
+        source_id=["a", "b"],
+        psnr=[30.0, 30.0],
+    )
     with pytest.raises(ValueError, match="decodes to .* bytes"):
         load_prefit(bomb, SPLIT, cache_dir=str(tmp_path / "cache"))
 
@@ -384,16 +457,25 @@ def test_a_card_cannot_point_outside_the_dataset_folder(tmp_path):
     write_shard(dataset, good_rows(2))
     (dataset / "README.md").write_text(
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: validation\n"
-        "    path: ../elsewhere/data/*.parquet\n---\n")
+        "    path: ../elsewhere/data/*.parquet\n---\n"
+    )
     assert len(load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))) == 2
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("nan", "NaN"), ("l22", "l22 <= 0"), ("int", "floating point"), ("shape", r"\[\.\.\., N, 8\]"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("nan", "NaN"),
+        ("l22", "l22 <= 0"),
+        ("int", "floating point"),
+        ("shape", r"\[\.\.\., N, 8\]"),
+    ],
+)
 def test_bad_rows_are_named_when_batched(problem, message):
-    rows = [{"splats": torch.from_numpy(good_rows(1)[0]), "label": 1, "source_id": f"img{i}"}
-            for i in range(3)]
+    rows = [
+        {"splats": torch.from_numpy(good_rows(1)[0]), "label": 1, "source_id": f"img{i}"}
+        for i in range(3)
+    ]
     bad = rows[1]["splats"].clone()
     if problem == "nan":
         bad[0, 5] = float("nan")

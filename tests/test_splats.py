@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import random_splats
+
 from timm_splat import (
     compression_ratio,
     from_fp16_bytes,
@@ -64,6 +64,7 @@ def test_pack_real_first_keeps_order_and_zeroes_padding():
         (torch.zeros(4, 8, dtype=torch.int32), "floating point"),
         (torch.full((4, 8), float("nan")), "NaN"),
         (torch.tensor([[0.5, 0.5, 0.1, 0.0, 0.0, 1, 1, 1]]), "l22 <= 0"),
+        (torch.tensor([[0.5, 0.5, 1.4e-45, 0.0, 1.4e-45, 1, 1, 1]]), "below 1e-12"),
     ],
 )
 def test_check_splats_errors(bad, message):
@@ -80,8 +81,9 @@ def test_save_and_load_splats(tmp_path):
     assert meta == {"height": "10", "width": "20"}
 
 
-@pytest.mark.parametrize("channel, value, message", [(5, 1e6, "fp16's range"),
-                                                      (4, 1e-8, "smallest value")])
+@pytest.mark.parametrize(
+    "channel, value, message", [(5, 1e6, "fp16's range"), (4, 1e-8, "smallest value")]
+)
 def test_fp16_refuses_what_it_cannot_hold(tmp_path, channel, value, message):
     splats = torch.tensor([[0.5, 0.5, 0.1, 0.0, 0.1, 0.2, 0.2, 0.2]])
     splats[0, channel] = value
@@ -97,7 +99,9 @@ def test_load_splats_checks_the_file(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a splat file"):
         load_splats(tmp_path / "junk.safetensors")
-    save_file({"splats": torch.tensor([[0.5, 0.5, 0.1, 0.0, -0.1, 1, 1, 1]])},
-              str(tmp_path / "bad.safetensors"))
+    save_file(
+        {"splats": torch.tensor([[0.5, 0.5, 0.1, 0.0, -0.1, 1, 1, 1]])},
+        str(tmp_path / "bad.safetensors"),
+    )
     with pytest.raises(ValueError, match=r"bad.safetensors.*l22 <= 0"):
         load_splats(tmp_path / "bad.safetensors")

@@ -11,8 +11,10 @@ import timm_splat  # noqa: F401  (registers the models)
 from timm_splat.testing import random_splats
 
 FAST = ["splat_vit_test", "splat_vit_s16"]
-MODELS = [pytest.param(name, marks=[] if name in FAST else pytest.mark.slow)
-          for name in timm.list_models("splat_vit_*")]
+MODELS = [
+    pytest.param(name, marks=[] if name in FAST else pytest.mark.slow)
+    for name in timm.list_models("splat_vit_*")
+]
 
 
 def splats(batch: int) -> torch.Tensor:
@@ -51,8 +53,11 @@ def test_default_cfg(name):
     x = splats(1)
     with torch.no_grad():
         tokens = model.forward_features(x)
-        assert tokens.shape == (1, model.num_prefix_tokens + model.patch_embed.num_patches,
-                                model.num_features)
+        assert tokens.shape == (
+            1,
+            model.num_prefix_tokens + model.patch_embed.num_patches,
+            model.num_features,
+        )
         model.reset_classifier(0)
         assert model(x).shape == (1, model.num_features)
 
@@ -68,8 +73,9 @@ def test_forward_intermediates(name):
         assert len(intermediates) == len(model.blocks)
         for y in intermediates:
             assert y.shape == (2, model.embed_dim, height, width)
-        tokens = model.forward_intermediates(x, indices=[0], output_fmt="NLC",
-                                             intermediates_only=True)
+        tokens = model.forward_intermediates(
+            x, indices=[0], output_fmt="NLC", intermediates_only=True
+        )
         assert tokens[0].shape == (2, height * width, model.embed_dim)
         layers = model.get_intermediate_layers(x, n=1, reshape=True)
         torch.testing.assert_close(layers[0], intermediates[-1])

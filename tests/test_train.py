@@ -15,9 +15,25 @@ from safetensors.torch import save_file
 
 from timm_splat.samples import sample_photos
 
-TINY = ["--model", "splat-ViT-test", "--num-splats", "16", "--image-size", "32",
-        "--fit-iterations", "10", "--batch-size", "4", "--lr", "3e-3", "--warmup", "1",
-        "--log-every", "1", "--cpu"]
+TINY = [
+    "--model",
+    "splat-ViT-test",
+    "--num-splats",
+    "16",
+    "--image-size",
+    "32",
+    "--fit-iterations",
+    "10",
+    "--batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "1",
+    "--log-every",
+    "1",
+    "--cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +53,23 @@ def teacher_dir(tmp_path_factory):
     """A tiny RGB CLIP as an open_clip local-dir model (random weights), the layout of
     splat-ViT-test's towers so from_rgb can copy it."""
     folder = tmp_path_factory.mktemp("teacher")
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 32,
-                          "image_size": 64},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
-                        "layers": 2}}
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "layers": 2,
+            "width": 64,
+            "head_width": 32,
+            "patch_size": 32,
+            "image_size": 64,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+        },
+    }
     torch.manual_seed(0)
     model = open_clip.CLIP(**cfg)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
@@ -50,8 +78,12 @@ def teacher_dir(tmp_path_factory):
 
 
 def run_train(*args):
-    result = subprocess.run([sys.executable, "-m", "timm_splat", "train", *args],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "timm_splat", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -63,15 +95,35 @@ def losses(run_dir, stage):
 
 def test_distill_then_clip_losses_fall(tmp_path, captioned_folder, teacher_dir):
     run = tmp_path / "run"
-    run_train("--stage", "distill", "--teacher", f"local-dir:{teacher_dir}",
-              "--train-data", str(captioned_folder), "--output", str(run), "--epochs", "8", *TINY)
+    run_train(
+        "--stage",
+        "distill",
+        "--teacher",
+        f"local-dir:{teacher_dir}",
+        "--train-data",
+        str(captioned_folder),
+        "--output",
+        str(run),
+        "--epochs",
+        "8",
+        *TINY,
+    )
     distill = losses(run, "distill")
     assert len(distill) == 16
     assert sum(list(distill.values())[-4:]) < sum(list(distill.values())[:4])
     assert json.loads((run / "final" / "run.json").read_text())["stage"] == "distill"
 
-    run_train("--stage", "clip", "--resume", str(run), "--train-data", str(captioned_folder),
-              "--epochs", "8", *TINY)
+    run_train(
+        "--stage",
+        "clip",
+        "--resume",
+        str(run),
+        "--train-data",
+        str(captioned_folder),
+        "--epochs",
+        "8",
+        *TINY,
+    )
     clip = losses(run, "clip")
     assert sum(list(clip.values())[-4:]) < sum(list(clip.values())[:4])
     assert json.loads((run / "final" / "run.json").read_text())["stage"] == "clip"
@@ -80,8 +132,19 @@ def test_distill_then_clip_losses_fall(tmp_path, captioned_folder, teacher_dir):
 
 def test_resume_gives_the_same_next_step(tmp_path, captioned_folder, teacher_dir):
     full = tmp_path / "full"
-    common = ["--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
-              str(captioned_folder), "--epochs", "2", "--checkpoint-every", "3", *TINY]
+    common = [
+        "--stage",
+        "distill",
+        "--teacher",
+        f"local-dir:{teacher_dir}",
+        "--train-data",
+        str(captioned_folder),
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "3",
+        *TINY,
+    ]
     run_train(*common, "--output", str(full))
     expected = losses(full, "distill")
     assert len(expected) == 4  # 2 epochs of 2 batches: step 3 is mid-epoch
@@ -89,8 +152,10 @@ def test_resume_gives_the_same_next_step(tmp_path, captioned_folder, teacher_dir
     # A run killed after its step-3 checkpoint: only that checkpoint survives.
     cut = tmp_path / "cut"
     (cut / "distill" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "distill" / "checkpoints" / "step_0000003",
-                    cut / "distill" / "checkpoints" / "step_0000003")
+    shutil.copytree(
+        full / "distill" / "checkpoints" / "step_0000003",
+        cut / "distill" / "checkpoints" / "step_0000003",
+    )
     result = run_train(*common, "--resume", str(cut))
     assert "resumed" in result.stdout
     resumed = losses(cut, "distill")
@@ -99,9 +164,23 @@ def test_resume_gives_the_same_next_step(tmp_path, captioned_folder, teacher_dir
 
 
 def test_distill_needs_a_teacher(tmp_path, captioned_folder):
-    result = subprocess.run([sys.executable, "-m", "timm_splat", "train", "--stage", "distill",
-                             "--train-data", str(captioned_folder), "--output", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "timm_splat",
+            "train",
+            "--stage",
+            "distill",
+            "--train-data",
+            str(captioned_folder),
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "needs --teacher" in result.stderr
 
 
@@ -111,10 +190,32 @@ def test_two_processes_split_an_epoch(tmp_path, captioned_folder):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     run = tmp_path / "run"
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "timm_splat", "train",
-         "--stage", "clip", "--train-data", str(captioned_folder), "--output", str(run),
-         "--epochs", "1", "--record-samples", *TINY, "--batch-size", "2"],
-        capture_output=True, text=True, timeout=600)
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "timm_splat",
+            "train",
+            "--stage",
+            "clip",
+            "--train-data",
+            str(captioned_folder),
+            "--output",
+            str(run),
+            "--epochs",
+            "1",
+            "--record-samples",
+            *TINY,
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     seen = [(run / "clip" / f"samples-{rank}.txt").read_text().split() for rank in (0, 1)]
     ids = [line for lines in seen for line in lines[1::2]]  # "epoch id" pairs
@@ -127,11 +228,26 @@ def test_clip_stage_on_prefitted_splats(tmp_path, captioned_folder):
     pytest.importorskip("datasets")
     from timm_splat.data import prefit
 
-    prefit(str(captioned_folder), tmp_path / "prefit", num_splats=16, image_size=32,
-           iterations=10, progress=False)
+    prefit(
+        str(captioned_folder),
+        tmp_path / "prefit",
+        num_splats=16,
+        image_size=32,
+        iterations=10,
+        progress=False,
+    )
     run = tmp_path / "run"
-    run_train("--stage", "clip", "--train-data", str(tmp_path / "prefit"), "--output", str(run),
-              "--epochs", "2", *TINY)
+    run_train(
+        "--stage",
+        "clip",
+        "--train-data",
+        str(tmp_path / "prefit"),
+        "--output",
+        str(run),
+        "--epochs",
+        "2",
+        *TINY,
+    )
     assert len(losses(run, "clip")) == 4
 
 
@@ -144,9 +260,22 @@ def test_distill_from_webdataset_tars(tmp_path, captioned_folder, teacher_dir):
             tar.add(image, arcname=f"{image.stem}.png")
             tar.add(image.with_suffix(".txt"), arcname=f"{image.stem}.txt")
     run = tmp_path / "run"
-    run_train("--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
-              str(tmp_path / "shard-00000.tar"), "--output", str(run), "--epochs", "2",
-              "--max-steps", "4", "--record-samples", *TINY)  # a stream has no length
+    run_train(
+        "--stage",
+        "distill",
+        "--teacher",
+        f"local-dir:{teacher_dir}",
+        "--train-data",
+        str(tmp_path / "shard-00000.tar"),
+        "--output",
+        str(run),
+        "--epochs",
+        "2",
+        "--max-steps",
+        "4",
+        "--record-samples",
+        *TINY,
+    )  # a stream has no length
     assert len(losses(run, "distill")) == 4
     seen = (run / "distill" / "samples-0.txt").read_text().split()[1::2]
     assert sorted(seen) == sorted([p.stem for p in captioned_folder.glob("*.png")] * 2)
@@ -157,10 +286,30 @@ def test_both_stages_on_the_gpu_in_bf16(tmp_path, captioned_folder, teacher_dir)
     """bf16 autocast, splats fitted on the GPU in the collate step."""
     gpu = [a for a in TINY if a != "--cpu"]
     run = tmp_path / "run"
-    run_train("--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
-              str(captioned_folder), "--output", str(run), "--epochs", "4", *gpu)
-    run_train("--stage", "clip", "--resume", str(run), "--train-data", str(captioned_folder),
-              "--epochs", "4", *gpu)
+    run_train(
+        "--stage",
+        "distill",
+        "--teacher",
+        f"local-dir:{teacher_dir}",
+        "--train-data",
+        str(captioned_folder),
+        "--output",
+        str(run),
+        "--epochs",
+        "4",
+        *gpu,
+    )
+    run_train(
+        "--stage",
+        "clip",
+        "--resume",
+        str(run),
+        "--train-data",
+        str(captioned_folder),
+        "--epochs",
+        "4",
+        *gpu,
+    )
     for stage in ("distill", "clip"):
         values = list(losses(run, stage).values())
         assert len(values) == 8 and all(math.isfinite(v) for v in values)
@@ -172,11 +321,21 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, captioned_folder
     seeded sampler's order does not depend on the batch size)."""
     from safetensors.torch import load_file
 
-    common = ["--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
-              str(captioned_folder), "--epochs", "1", *TINY]
+    common = [
+        "--stage",
+        "distill",
+        "--teacher",
+        f"local-dir:{teacher_dir}",
+        "--train-data",
+        str(captioned_folder),
+        "--epochs",
+        "1",
+        *TINY,
+    ]
     run_train(*common, "--output", str(tmp_path / "full"))
-    run_train(*common, "--output", str(tmp_path / "accum"), "--batch-size", "2",
-              "--accum-steps", "2")
+    run_train(
+        *common, "--output", str(tmp_path / "accum"), "--batch-size", "2", "--accum-steps", "2"
+    )
     assert len(losses(tmp_path / "accum", "distill")) == 2
     full = load_file(tmp_path / "full" / "final" / "model.safetensors")
     accum = load_file(tmp_path / "accum" / "final" / "model.safetensors")
@@ -189,8 +348,19 @@ def test_checkpoints_are_whole_pickle_free_and_pruned(tmp_path, captioned_folder
     """Checkpoints hold safetensors and JSON only; a half-written (newer) checkpoint is skipped
     on resume; only --keep-checkpoints survive; a finished stage is never rewritten."""
     run = tmp_path / "run"
-    common = ["--stage", "distill", "--teacher", f"local-dir:{teacher_dir}", "--train-data",
-              str(captioned_folder), "--output", str(run), "--epochs", "2", *TINY]
+    common = [
+        "--stage",
+        "distill",
+        "--teacher",
+        f"local-dir:{teacher_dir}",
+        "--train-data",
+        str(captioned_folder),
+        "--output",
+        str(run),
+        "--epochs",
+        "2",
+        *TINY,
+    ]
     run_train(*common, "--checkpoint-every", "1", "--keep-checkpoints", "2")
     checkpoints = run / "distill" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000003", "step_0000004"]

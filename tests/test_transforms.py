@@ -3,7 +3,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from timm_splat import psnr, render_splats
@@ -73,9 +72,16 @@ def test_resize_and_crop_match_timms_eval_transform(photos, size, crop_pct, crop
         ours = t.image_transform(photo)
         assert ours.shape == (3, *expected) and ours.dtype == torch.float32
         assert 0 <= ours.min() and ours.max() <= 1
-        timm_pixels = transforms_imagenet_eval(
-            size, crop_pct=crop_pct, interpolation="bicubic", crop_mode=crop_mode, normalize=False
-        )(photo).float() / 255
+        timm_pixels = (
+            transforms_imagenet_eval(
+                size,
+                crop_pct=crop_pct,
+                interpolation="bicubic",
+                crop_mode=crop_mode,
+                normalize=False,
+            )(photo).float()
+            / 255
+        )
         # timm resizes uint8 PIL images (rounding to uint8 between its two passes), we resize
         # float tensors: equal up to that rounding; a one-pixel shift would be far off
         assert (ours - timm_pixels).abs().max() < 3 / 255
@@ -144,8 +150,14 @@ def test_from_config_reads_a_timm_data_config():
     assert (t.num_splats, t.image_size, t.crop_pct) == (400, (224, 224), 0.9)
     assert t.interpolation.value == "bicubic" and t.crop_mode == "center"
     assert SplatTransform.from_config(model.pretrained_cfg).image_size == (224, 224)
-    cfg = {"input_size": (3, 24, 40), "interpolation": "bilinear", "crop_pct": 0.95,
-           "mean": (0.1, 0.2, 0.3), "std": (0.5, 0.5, 0.5), "num_splats": 64}
+    cfg = {
+        "input_size": (3, 24, 40),
+        "interpolation": "bilinear",
+        "crop_pct": 0.95,
+        "mean": (0.1, 0.2, 0.3),
+        "std": (0.5, 0.5, 0.5),
+        "num_splats": 64,
+    }
     t = SplatTransform.from_config(cfg, crop_pct=1.0, **FAST)
     assert (t.num_splats, t.image_size, t.crop_pct) == (64, (24, 40), 1.0)
     assert t.interpolation.value == "bilinear" and t.fit_options == FAST
@@ -161,8 +173,14 @@ def test_bad_options_fail_at_construction():
         SplatTransform(N, SIZE, iteration=20)
     with pytest.raises(ValueError, match="iterations"):
         SplatTransform(N, SIZE, iterations=-1)
-    for kwargs in ({"num_splats": 0}, {"image_size": (32,)}, {"crop_pct": 0.0},
-                   {"crop_pct": 1.5}, {"interpolation": "lanczos"}, {"crop_mode": "border"}):
+    for kwargs in (
+        {"num_splats": 0},
+        {"image_size": (32,)},
+        {"crop_pct": 0.0},
+        {"crop_pct": 1.5},
+        {"interpolation": "lanczos"},
+        {"crop_mode": "border"},
+    ):
         with pytest.raises(ValueError):
             SplatTransform(**kwargs)
 
@@ -197,8 +215,10 @@ def test_fitting_leaves_the_global_rng_alone(transform, astronaut_64):
 
 def test_repr_and_pickle(transform, astronaut_64):
     text = repr(SplatTransform(400, (224, 192), crop_pct=0.9, iterations=300))
-    assert text == ("SplatTransform(num_splats=400, image_size=(224, 192), crop_pct=0.9, "
-                    "interpolation='bicubic', crop_mode='center', device=None, iterations=300)")
+    assert text == (
+        "SplatTransform(num_splats=400, image_size=(224, 192), crop_pct=0.9, "
+        "interpolation='bicubic', crop_mode='center', device=None, iterations=300)"
+    )
     assert repr(transform).startswith("SplatTransform(num_splats=48, image_size=32,")
     clone = pickle.loads(pickle.dumps(transform))  # DataLoader workers may spawn
     assert torch.equal(clone(astronaut_64), transform(astronaut_64))

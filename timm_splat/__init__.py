@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 try:  # the models register themselves in timm (and open_clip) on import
+    from .augment import SplatAugment, SplatMixup
     from .models import (
         SplatVisionTransformer,
         create_model_and_transforms,
@@ -43,11 +44,18 @@ try:  # the models register themselves in timm (and open_clip) on import
         from_rgb,
         load_clip,
     )
-    from .augment import SplatAugment, SplatMixup
     from .transforms import SplatTransform
 
-    __all__ += ["SplatAugment", "SplatMixup", "SplatTransform", "SplatVisionTransformer",
-                "create_model_and_transforms", "freeze", "from_rgb", "load_clip"]
+    __all__ += [
+        "SplatAugment",
+        "SplatMixup",
+        "SplatTransform",
+        "SplatVisionTransformer",
+        "create_model_and_transforms",
+        "freeze",
+        "from_rgb",
+        "load_clip",
+    ]
 except ModuleNotFoundError as error:  # fitting and the kernels need torch alone
     if (error.name or "").split(".")[0] not in ("timm", "torchvision"):
         raise

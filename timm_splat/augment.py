@@ -54,8 +54,11 @@ def color_matrix(brightness: float = 1.0, saturation: float = 1.0, hue: float = 
     angle = 2 * math.pi * hue
     axis = torch.full((3,), 1 / math.sqrt(3))
     cross = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rotation = (math.cos(angle) * torch.eye(3) + math.sin(angle) * cross
-                + (1 - math.cos(angle)) * torch.outer(axis, axis))
+    rotation = (
+        math.cos(angle) * torch.eye(3)
+        + math.sin(angle) * cross
+        + (1 - math.cos(angle)) * torch.outer(axis, axis)
+    )
     return brightness * rotation @ matrix
 
 
@@ -73,11 +76,20 @@ class SplatAugment:
     RandomResizedCrop (``scale=(1, 1)`` turns cropping off); ``brightness`` / ``saturation``:
     the largest relative change; ``hue``: the largest rotation in turns."""
 
-    def __init__(self, hflip: float = 0.5, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-                 brightness: float = 0.4, saturation: float = 0.4, hue: float = 0.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        hflip: float = 0.5,
+        scale=(0.5, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        brightness: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
         if not 0 <= hflip <= 1 or not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"bad SplatAugment ranges: hflip={hflip}, scale={scale}, ratio={ratio}")
+            raise ValueError(
+                f"bad SplatAugment ranges: hflip={hflip}, scale={scale}, ratio={ratio}"
+            )
         self.hflip, self.scale, self.ratio = hflip, scale, ratio
         self.brightness, self.saturation, self.hue = brightness, saturation, hue
         self.generator = generator
@@ -129,7 +141,8 @@ class SplatMixup(Mixup):
         elif use_cutmix:
             grid = self.cutmix_grid
             (top, bottom, left, right), lam = cutmix_bbox_and_lam(
-                (grid, grid), lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
+                (grid, grid), lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam
+            )
             xs, ys = x[..., 0] * grid, x[..., 1] * grid
             px, py = partner[..., 0] * grid, partner[..., 1] * grid
             outside = ~((xs >= left) & (xs < right) & (ys >= top) & (ys < bottom))
@@ -137,7 +150,8 @@ class SplatMixup(Mixup):
             mixed = torch.cat([x * outside.unsqueeze(-1), partner * inside.unsqueeze(-1)], dim=1)
             mixed = pack_real_first(mixed)
         else:
-            mixed = torch.cat([recolor(x, torch.eye(3) * lam),
-                               recolor(partner, torch.eye(3) * (1 - lam))], dim=1)
+            mixed = torch.cat(
+                [recolor(x, torch.eye(3) * lam), recolor(partner, torch.eye(3) * (1 - lam))], dim=1
+            )
         target = mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label)
         return mixed, target

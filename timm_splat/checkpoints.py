@@ -56,6 +56,7 @@ def _fsync_dir(path: Path) -> None:
 
 # -- state dicts as tensors + JSON ------------------------------------------------------------
 
+
 def _split_state(state, prefix: str, tensors: dict) -> object:
     """``state`` with every tensor moved into ``tensors`` (under a dotted key) and replaced by
     ``{"__tensor__": key}``, so the rest is JSON."""
@@ -63,9 +64,15 @@ def _split_state(state, prefix: str, tensors: dict) -> object:
         tensors[prefix] = state.detach().cpu().contiguous()
         return {"__tensor__": prefix}
     if isinstance(state, dict):
-        return {"__dict__": [[_split_state(k, f"{prefix}.k{i}", tensors),
-                              _split_state(v, f"{prefix}.{i}", tensors)]
-                             for i, (k, v) in enumerate(state.items())]}
+        return {
+            "__dict__": [
+                [
+                    _split_state(k, f"{prefix}.k{i}", tensors),
+                    _split_state(v, f"{prefix}.{i}", tensors),
+                ]
+                for i, (k, v) in enumerate(state.items())
+            ]
+        }
     if isinstance(state, (list, tuple)):
         return [_split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(state)]
     if state is None or isinstance(state, (bool, int, float, str)):
@@ -117,8 +124,17 @@ def _set_rng_state(state: dict) -> None:
 
 # -- saving and loading -----------------------------------------------------------------------
 
-def save_checkpoint(accelerator, folder: Path, *, model, optimizer, scheduler, position: dict,
-                    keep: int | None = None) -> None:
+
+def save_checkpoint(
+    accelerator,
+    folder: Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    position: dict,
+    keep: int | None = None,
+) -> None:
     """Write a whole checkpoint to ``folder`` (every process calls this), then keep only the
     newest ``keep`` complete checkpoints beside it."""
     folder = Path(folder)
@@ -131,8 +147,10 @@ def save_checkpoint(accelerator, folder: Path, *, model, optimizer, scheduler, p
     _save_state(partial, f"rng-{rank}", _rng_state())
     if accelerator.is_main_process:
         weights = accelerator.unwrap_model(model).state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                  str(partial / "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+            str(partial / "model.safetensors"),
+        )
         _save_state(partial, "optimizer", optimizer.state_dict())
         _write_json(partial / "scheduler.json", scheduler.state_dict())
         if getattr(accelerator, "scaler", None) is not None:
@@ -140,8 +158,10 @@ def save_checkpoint(accelerator, folder: Path, *, model, optimizer, scheduler, p
         _write_json(partial / "state.json", position)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(partial / COMPLETE, {"format_version": FORMAT_VERSION,
-                                         "world_size": accelerator.num_processes, **position})
+        _write_json(
+            partial / COMPLETE,
+            {"format_version": FORMAT_VERSION, "world_size": accelerator.num_processes, **position},
+        )
         _fsync_dir(partial)
         if folder.exists():  # the same step saved again (the final save after a periodic one)
             shutil.rmtree(folder)
@@ -166,8 +186,11 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     newest = complete[-1] if complete else None
     for path in sorted(checkpoints_dir.glob("step_*")):
         if path not in complete and (newest is None or path.name > newest.name):
-            logger.warning("skipping checkpoint %s: incomplete (no %s), probably cut off by a "
-                           "crash", path, COMPLETE)
+            logger.warning(
+                "skipping checkpoint %s: incomplete (no %s), probably cut off by a crash",
+                path,
+                COMPLETE,
+            )
     return newest
 
 
@@ -177,8 +200,10 @@ def load_checkpoint(accelerator, folder: Path, *, model, optimizer, scheduler) -
     folder = Path(folder)
     meta = json.loads((folder / COMPLETE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: checkpoint format {meta.get('format_version')} is not "
-                         f"{FORMAT_VERSION}; start a new run directory")
+        raise ValueError(
+            f"{folder}: checkpoint format {meta.get('format_version')} is not "
+            f"{FORMAT_VERSION}; start a new run directory"
+        )
     if meta["world_size"] != accelerator.num_processes:
         raise ValueError(
             f"{folder} was written by {meta['world_size']} process(es), this run has "

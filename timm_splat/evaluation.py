@@ -30,7 +30,10 @@ TOPK = (1, 5)
 
 # ------------------------------------------------------------------------ the metric
 
-def zero_shot_classifier(model, tokenizer, classnames, templates=None, device="cpu") -> torch.Tensor:
+
+def zero_shot_classifier(
+    model, tokenizer, classnames, templates=None, device="cpu"
+) -> torch.Tensor:
     """Class embeddings ``[embed_dim, num_classes]`` (unit columns): open_clip's
     ``build_zero_shot_classifier``, with its ImageNet prompt templates by default.
 
@@ -38,9 +41,15 @@ def zero_shot_classifier(model, tokenizer, classnames, templates=None, device="c
     from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 
     templates = [_as_callable(t) for t in (templates or OPENAI_IMAGENET_TEMPLATES)]
-    return build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=list(classnames),
-                                      templates=templates, num_classes_per_batch=10,
-                                      device=device, use_tqdm=False)
+    return build_zero_shot_classifier(
+        model,
+        tokenizer=tokenizer,
+        classnames=list(classnames),
+        templates=templates,
+        num_classes_per_batch=10,
+        device=device,
+        use_tqdm=False,
+    )
 
 
 def _as_callable(template):
@@ -52,8 +61,15 @@ def _as_callable(template):
 
 
 @torch.no_grad()
-def evaluate_zero_shot(model, classifier: torch.Tensor, loader, device="cpu", *, amp: bool = False,
-                       progress: bool = False) -> dict:
+def evaluate_zero_shot(
+    model,
+    classifier: torch.Tensor,
+    loader,
+    device="cpu",
+    *,
+    amp: bool = False,
+    progress: bool = False,
+) -> dict:
     """Top-1 / top-5 zero-shot accuracy (fractions in [0, 1]), the sample count ``n`` and the
     most real splats an input had (``max_splats``).
 
@@ -76,8 +92,10 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, loader, device="cpu", *,
         if labels.numel() and int(labels.min()) < 0:  # the pre-fit writer's "no label"
             raise ValueError("unlabelled rows (label -1): zero-shot classification needs labels")
         if labels.numel() and int(labels.max()) >= num_classes:
-            raise ValueError(f"label {int(labels.max())} but the classifier has {num_classes} "
-                             "classes: pass the dataset's class names (--classnames)")
+            raise ValueError(
+                f"label {int(labels.max())} but the classifier has {num_classes} "
+                "classes: pass the dataset's class names (--classnames)"
+            )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             features = model.encode_image(splats.to(device, torch.float32))
         logits = F.normalize(features.float(), dim=-1) @ classifier.float()
@@ -88,11 +106,16 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, loader, device="cpu", *,
         max_splats = max(max_splats, int(splat_count(splats).max()))
     if n == 0:
         raise ValueError("the data loader yielded no samples")
-    return {"top1": correct[0].item() / n, "top5": correct[1].item() / n, "n": n,
-            "max_splats": max_splats}
+    return {
+        "top1": correct[0].item() / n,
+        "top5": correct[1].item() / n,
+        "n": n,
+        "max_splats": max_splats,
+    }
 
 
 # ------------------------------------------------------------------ class names, prompts
+
 
 def load_classnames(spec: str | None, folder_classes: list[str] | None = None) -> list[str]:
     """``imagenet`` (open_clip's IMAGENET_CLASSNAMES), ``folder`` (an image folder's class
@@ -156,29 +179,48 @@ def _arg(help_text: str, **argparse_options) -> dict:
 class EvalConfig:
     """One zero-shot evaluation; ``timm-splat eval`` fills it from its flags."""
 
-    data: str = field(metadata=_arg(
-        "pre-fitted splat dataset (folder of parquet shards or Hub id) or image folder "
-        "(class/image.jpg)"))
-    model: str | None = field(default=None, metadata=_arg(
-        "splat-ViT-* config (default: what --pretrained records)"))
-    pretrained: str | None = field(default=None, metadata=_arg(
-        "run dir (final/model.safetensors), .safetensors file, saved Hub folder or hf-hub:org/repo "
-        "(default: random weights, a smoke test)"))
+    data: str = field(
+        metadata=_arg(
+            "pre-fitted splat dataset (folder of parquet shards or Hub id) or image folder "
+            "(class/image.jpg)"
+        )
+    )
+    model: str | None = field(
+        default=None, metadata=_arg("splat-ViT-* config (default: what --pretrained records)")
+    )
+    pretrained: str | None = field(
+        default=None,
+        metadata=_arg(
+            "run dir (final/model.safetensors), .safetensors file, saved Hub folder or "
+            "hf-hub:org/repo (default: random weights, a smoke test)"
+        ),
+    )
     split: str = field(default="validation", metadata=_arg("split of a pre-fitted dataset"))
     batch_size: int = field(default=64, metadata=_arg("batch size"))
-    num_splats: int | None = field(default=None, metadata=_arg(
-        "fit budget for images (default: the model's); pads pre-fitted rows"))
-    device: str | None = field(default=None, metadata=_arg(
-        "default: cuda if available, else cpu"))
-    classnames: str | None = field(default=None, metadata=_arg(
-        "imagenet | folder | FILE (.txt lines / .json list) | a,b,c (default: folder names for a "
-        "non-ImageNet image folder, else imagenet)"))
-    templates: list[str] | None = field(default=None, metadata=_arg(
-        "openai (default) | simple | FILE | 'a photo of a {}.' (several allowed)", nargs="+"))
-    image_size: int | None = field(default=None, metadata=_arg(
-        "crop size images are fitted at (default: the model's)"))
-    iterations: int | None = field(default=None, metadata=_arg(
-        "fitting iterations for images (default: the fitter's)"))
+    num_splats: int | None = field(
+        default=None,
+        metadata=_arg("fit budget for images (default: the model's); pads pre-fitted rows"),
+    )
+    device: str | None = field(default=None, metadata=_arg("default: cuda if available, else cpu"))
+    classnames: str | None = field(
+        default=None,
+        metadata=_arg(
+            "imagenet | folder | FILE (.txt lines / .json list) | a,b,c (default: folder names "
+            "for a non-ImageNet image folder, else imagenet)"
+        ),
+    )
+    templates: list[str] | None = field(
+        default=None,
+        metadata=_arg(
+            "openai (default) | simple | FILE | 'a photo of a {}.' (several allowed)", nargs="+"
+        ),
+    )
+    image_size: int | None = field(
+        default=None, metadata=_arg("crop size images are fitted at (default: the model's)")
+    )
+    iterations: int | None = field(
+        default=None, metadata=_arg("fitting iterations for images (default: the fitter's)")
+    )
     workers: int = field(default=0, metadata=_arg("DataLoader workers"))
     limit: int | None = field(default=None, metadata=_arg("evaluate the first N samples"))
     amp: bool = field(default=False, metadata=_arg("bfloat16 autocast for the image tower"))
@@ -199,8 +241,9 @@ def evaluate(config: EvalConfig) -> dict:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.pretrained is None:
         print("no --pretrained: evaluating random weights (a smoke test)", file=sys.stderr)
-    model, info = load_clip(config.pretrained, config.model, num_splats=config.num_splats,
-                            device=device)
+    model, info = load_clip(
+        config.pretrained, config.model, num_splats=config.num_splats, device=device
+    )
     trunk = splat_trunk(model)
     transform = None
     if is_image_folder(config.data):
@@ -211,28 +254,46 @@ def evaluate(config: EvalConfig) -> dict:
             overrides["iterations"] = config.iterations
         transform = SplatTransform.from_config(trunk, **overrides)
     loader, folder_classes = labelled_loader(
-        config.data, split=config.split, batch_size=config.batch_size, transform=transform,
-        num_splats=config.num_splats, workers=config.workers, limit=config.limit)
+        config.data,
+        split=config.split,
+        batch_size=config.batch_size,
+        transform=transform,
+        num_splats=config.num_splats,
+        workers=config.workers,
+        limit=config.limit,
+    )
     classnames = load_classnames(config.classnames, folder_classes)
     templates = load_templates(config.templates)
     tokenizer = open_clip.get_tokenizer(info["tokenizer"])
     start = time.perf_counter()
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
-    metrics = evaluate_zero_shot(model, classifier, loader, device, amp=config.amp,
-                                 progress=sys.stderr.isatty())
+    metrics = evaluate_zero_shot(
+        model, classifier, loader, device, amp=config.amp, progress=sys.stderr.isatty()
+    )
     return {
-        "model": info["model"], "pretrained": config.pretrained, "num_splats": trunk.num_splats,
-        "data": str(config.data), "split": None if folder_classes else config.split, **metrics,
-        "num_classes": len(classnames), "num_templates": len(templates),
-        "seconds": round(time.perf_counter() - start, 2), "device": str(device),
+        "model": info["model"],
+        "pretrained": config.pretrained,
+        "num_splats": trunk.num_splats,
+        "data": str(config.data),
+        "split": None if folder_classes else config.split,
+        **metrics,
+        "num_classes": len(classnames),
+        "num_templates": len(templates),
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": str(device),
     }
 
 
 def format_table(result: dict) -> str:
     columns = ("model", "splats", "data", "n", "top1", "top5")
-    cells = [str(result["model"]), str(result["max_splats"]), Path(str(result["data"])).name or
-             str(result["data"]), str(result["n"]), f"{100 * result['top1']:.2f}",
-             f"{100 * result['top5']:.2f}"]
+    cells = [
+        str(result["model"]),
+        str(result["max_splats"]),
+        Path(str(result["data"])).name or str(result["data"]),
+        str(result["n"]),
+        f"{100 * result['top1']:.2f}",
+        f"{100 * result['top5']:.2f}",
+    ]
     widths = [max(len(c), len(v)) for c, v in zip(columns, cells)]
     rows = [columns, ["-" * w for w in widths], cells]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows)

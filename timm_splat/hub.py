@@ -52,12 +52,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 CARD_TEMPLATE = card_template("model_card.md")
 # Factory arguments about where weights come from, not the architecture. (Drop rates stay, so
 # the rebuilt model matches module for module; timm's config writer leaves them out.)
-_RUNTIME_ARGS = {"pretrained_model_args", "pretrained_cfg", "pretrained_cfg_overlay", "device",
-                 "dtype", "cache_dir"}
+_RUNTIME_ARGS = {
+    "pretrained_model_args",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "device",
+    "dtype",
+    "cache_dir",
+}
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 # ----------------------------------------------------------------------------- saving
+
 
 def open_clip_config_name(model) -> str:
     """The ``splat-ViT-*`` config a splat CLIP was built from: the config whose timm trunk and
@@ -102,9 +109,14 @@ def _timm_export(model, trunk, num_splats: int):
         num_classes = trunk.num_classes
     else:  # the CLIP projection becomes timm's classifier head
         head = model.visual.head
-        if [name for name, _ in head.named_children()] != ["drop", "proj"] or head.proj.bias is not None:
-            raise ValueError("only splat CLIPs with a plain linear projection (timm_proj='linear') "
-                             "map onto a timm classifier head")
+        if [name for name, _ in head.named_children()] != [
+            "drop",
+            "proj",
+        ] or head.proj.bias is not None:
+            raise ValueError(
+                "only splat CLIPs with a plain linear projection (timm_proj='linear') "
+                "map onto a timm classifier head"
+            )
         num_classes = head.proj.out_features
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         state["head.weight"] = head.proj.weight.detach()
@@ -115,8 +127,10 @@ def _timm_export(model, trunk, num_splats: int):
     for name, child in export.named_children():
         # Anything swapped after construction would load fine and compute something else.
         if name != "head" and repr(child) != repr(getattr(trunk, name)):
-            raise ValueError(f"the trunk's {name!r} differs from what {arch}({args}) builds: it "
-                             "was changed after construction and cannot be published as is")
+            raise ValueError(
+                f"the trunk's {name!r} differs from what {arch}({args}) builds: it "
+                "was changed after construction and cannot be published as is"
+            )
     # config.json's pretrained_cfg is rebuilt into timm's PretrainedCfg: only its fields (not
     # num_splats, which travels in model_args) and no source tag (these are new weights).
     fields = {f.name for f in dataclasses.fields(PretrainedCfg)} - {"tag"}
@@ -144,8 +158,9 @@ def _save_open_clip(model, folder: Path, name: str, num_splats: int) -> None:
         "timm_splat": {"model_name": name, "num_splats": num_splats},
     }
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(_cpu_tensors(model.state_dict()), str(folder / OPEN_CLIP_WEIGHTS),
-              metadata={"format": "pt"})
+    save_file(
+        _cpu_tensors(model.state_dict()), str(folder / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"}
+    )
 
 
 def _hub_id(value) -> str | None:
@@ -162,8 +177,20 @@ def _format_metric(value):
     return f"{value:.4g}" if isinstance(value, float) else value
 
 
-def _write_card(folder: Path, *, architecture, num_classes, repo_id, open_clip_name, num_splats,
-                metrics, data, base_model, stage, parameters) -> None:
+def _write_card(
+    folder: Path,
+    *,
+    architecture,
+    num_classes,
+    repo_id,
+    open_clip_name,
+    num_splats,
+    metrics,
+    data,
+    base_model,
+    stage,
+    parameters,
+) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
     from .splats import compression_ratio
@@ -172,19 +199,31 @@ def _write_card(folder: Path, *, architecture, num_classes, repo_id, open_clip_n
     if open_clip_name:
         tags += ["open_clip", "clip", "zero-shot-image-classification"]
     card_data = ModelCardData(
-        library_name="timm", license="apache-2.0", tags=tags,
+        library_name="timm",
+        license="apache-2.0",
+        tags=tags,
         pipeline_tag="zero-shot-image-classification" if open_clip_name else "image-classification",
-        base_model=_hub_id(base_model), datasets=[_hub_id(data)] if _hub_id(data) else None,
+        base_model=_hub_id(base_model),
+        datasets=[_hub_id(data)] if _hub_id(data) else None,
     )
     values = dict(
         title=repo_id.split("/")[-1] if repo_id else architecture,
         kind="CLIP model" if open_clip_name else "vision transformer",
-        repo_id=repo_id or "ORG/REPO", architecture=architecture, open_clip_name=open_clip_name,
-        num_splats=num_splats, splat_bytes=16 * num_splats,
+        repo_id=repo_id or "ORG/REPO",
+        architecture=architecture,
+        open_clip_name=open_clip_name,
+        num_splats=num_splats,
+        splat_bytes=16 * num_splats,
         compression=f"{compression_ratio(num_splats):.1f}",
-        output=(f"{num_classes}-d CLIP image embedding (timm) / CLIP (open_clip)"
-                if open_clip_name else f"{num_classes} classes"),
-        parameters=f"{parameters / 1e6:.1f}M", stage=stage, data=data, base_model=base_model,
+        output=(
+            f"{num_classes}-d CLIP image embedding (timm) / CLIP (open_clip)"
+            if open_clip_name
+            else f"{num_classes} classes"
+        ),
+        parameters=f"{parameters / 1e6:.1f}M",
+        stage=stage,
+        data=data,
+        base_model=base_model,
         metrics={k: _format_metric(v) for k, v in (metrics or {}).items()},
     )
     if CARD_TEMPLATE is not None:
@@ -194,10 +233,18 @@ def _write_card(folder: Path, *, architecture, num_classes, repo_id, open_clip_n
     card.save(folder / CARD)
 
 
-def save_pretrained(model, folder, *, num_splats: int | None = None, metrics: dict | None = None,
-                    data: str | None = None, base_model: str | None = None,
-                    model_name: str | None = None, repo_id: str | None = None,
-                    stage: str | None = None) -> Path:
+def save_pretrained(
+    model,
+    folder,
+    *,
+    num_splats: int | None = None,
+    metrics: dict | None = None,
+    data: str | None = None,
+    base_model: str | None = None,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    stage: str | None = None,
+) -> Path:
     """Write ``model`` as a Hub repo folder (see the module docstring); returns the folder.
 
     ``model``: a splat CLIP (open_clip ``splat-ViT-*``; ``model_name`` names its config when it
@@ -211,7 +258,9 @@ def save_pretrained(model, folder, *, num_splats: int | None = None, metrics: di
 
     trunk = splat_trunk(model)
     if trunk is None:
-        raise TypeError(f"save_pretrained takes a splat CLIP or a splat ViT, got {type(model).__name__}")
+        raise TypeError(
+            f"save_pretrained takes a splat CLIP or a splat ViT, got {type(model).__name__}"
+        )
     is_clip = trunk is not model
     num_splats = int(num_splats or trunk.num_splats)
     if num_splats < 1:
@@ -224,29 +273,53 @@ def save_pretrained(model, folder, *, num_splats: int | None = None, metrics: di
 
     export, args = _timm_export(model, trunk, num_splats)
     # timm's own writer keeps config.json in the format its loader expects.
-    save_for_hf(export, str(folder), model_config={"model_args": {"num_splats": num_splats}},
-                safe_serialization=True)
+    save_for_hf(
+        export,
+        str(folder),
+        model_config={"model_args": {"num_splats": num_splats}},
+        safe_serialization=True,
+    )
     open_clip_name = None
     if is_clip:
         if "act_layer" in args:
             # open_clip builds timm towers with timm's default GELU: these weights would load
             # and compute something else. timm's layout records the activation, so it is kept.
-            warnings.warn("the trunk uses QuickGELU, which open_clip configs of timm towers cannot "
-                          "express: writing the timm layout only", stacklevel=2)
+            warnings.warn(
+                "the trunk uses QuickGELU, which open_clip configs of timm towers cannot "
+                "express: writing the timm layout only",
+                stacklevel=2,
+            )
         else:
             open_clip_name = model_name or open_clip_config_name(model)
             _save_open_clip(model, folder, open_clip_name, num_splats)
-    _write_card(folder, architecture=trunk.pretrained_cfg["architecture"],
-                num_classes=export.num_classes, repo_id=repo_id, open_clip_name=open_clip_name, num_splats=num_splats,
-                metrics=metrics, data=data, base_model=base_model, stage=stage,
-                parameters=sum(p.numel() for p in model.parameters()))
+    _write_card(
+        folder,
+        architecture=trunk.pretrained_cfg["architecture"],
+        num_classes=export.num_classes,
+        repo_id=repo_id,
+        open_clip_name=open_clip_name,
+        num_splats=num_splats,
+        metrics=metrics,
+        data=data,
+        base_model=base_model,
+        stage=stage,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
     return folder
 
 
 # ---------------------------------------------------------------------------- pushing
 
-def push_to_hub(folder, repo_id: str, *, private: bool = False, commit_message: str | None = None,
-                api=None, token: str | None = None):
+
+def push_to_hub(
+    folder,
+    repo_id: str,
+    *,
+    private: bool = False,
+    commit_message: str | None = None,
+    api=None,
+    token: str | None = None,
+):
     """Create ``repo_id`` (if new) and upload ``folder``; returns ``upload_folder``'s result.
 
     ``api``: an ``HfApi``-like object (``create_repo`` + ``upload_folder``), by default
@@ -257,8 +330,9 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, commit_message: 
     if pickled:
         raise ValueError(f"{folder} holds pickle checkpoints {pickled}: publish safetensors only")
     if TIMM_CONFIG not in files:
-        raise ValueError(f"{folder} is not a saved model folder (no {TIMM_CONFIG}): "
-                         "use save_pretrained first")
+        raise ValueError(
+            f"{folder} is not a saved model folder (no {TIMM_CONFIG}): use save_pretrained first"
+        )
     if api is None:
         from huggingface_hub import HfApi
 
@@ -267,12 +341,25 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, commit_message: 
         api = HfApi(token=token, library_name="timm-splat", library_version=__version__)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = getattr(url, "repo_id", None) or repo_id  # the owner may have been implicit
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                             commit_message=commit_message or "Add timm-splat model")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=commit_message or "Add timm-splat model",
+    )
 
 
-def push_run(run_dir, repo_id: str, *, private: bool = False, folder=None, push: bool = True,
-             api=None, token: str | None = None, commit_message: str | None = None) -> Path | None:
+def push_run(
+    run_dir,
+    repo_id: str,
+    *,
+    private: bool = False,
+    folder=None,
+    push: bool = True,
+    api=None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> Path | None:
     """Publish a training run: build its model (open_clip, no pretrained weights), load
     ``final/model.safetensors``, :func:`save_pretrained` it (into ``folder``, else a temporary
     folder) with run.json's budget, metrics and data, and push it unless ``push`` is False.
@@ -287,24 +374,43 @@ def push_run(run_dir, repo_id: str, *, private: bool = False, folder=None, push:
         base_model = teacher_weights  # a Hub id: goes into the card's base_model metadata
     elif not base_model and run.get("teacher"):
         base_model = " ".join(str(run[k]) for k in ("teacher", "teacher_pretrained") if run.get(k))
-    card = dict(num_splats=info["num_splats"], metrics=run.get("metrics"), data=run.get("data"),
-                base_model=base_model, model_name=info["model"], repo_id=repo_id,
-                stage=run.get("stage"))
+    card = dict(
+        num_splats=info["num_splats"],
+        metrics=run.get("metrics"),
+        data=run.get("data"),
+        base_model=base_model,
+        model_name=info["model"],
+        repo_id=repo_id,
+        stage=run.get("stage"),
+    )
     if folder is not None:
         save_pretrained(model, folder, **card)
         if push:
-            push_to_hub(folder, repo_id, private=private, commit_message=commit_message, api=api,
-                        token=token)
+            push_to_hub(
+                folder,
+                repo_id,
+                private=private,
+                commit_message=commit_message,
+                api=api,
+                token=token,
+            )
         return Path(folder)
     with tempfile.TemporaryDirectory(prefix="timm-splat-push-") as tmp:
         save_pretrained(model, Path(tmp) / "repo", **card)
         if push:
-            push_to_hub(Path(tmp) / "repo", repo_id, private=private,
-                        commit_message=commit_message, api=api, token=token)
+            push_to_hub(
+                Path(tmp) / "repo",
+                repo_id,
+                private=private,
+                commit_message=commit_message,
+                api=api,
+                token=token,
+            )
     return None
 
 
 # ------------------------------------------------------------------ uploading datasets
+
 
 class HubUploader:
     """Uploads each file as it is finished to a Hub dataset repo (created on first use).
@@ -312,8 +418,9 @@ class HubUploader:
     One commit per shard: ``datasets.Dataset.push_to_hub`` would replace the whole split, and
     a crash would lose what was uploaded."""
 
-    def __init__(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                 retries: int = 4):
+    def __init__(
+        self, repo_id: str, private: bool | None = None, token: str | None = None, retries: int = 4
+    ):
         from huggingface_hub import HfApi
 
         self.repo_id, self.private, self.target = repo_id, private, f"hf://datasets/{repo_id}"
@@ -323,14 +430,19 @@ class HubUploader:
 
     def __call__(self, local_path: Path, path_in_repo: str) -> None:
         if not self._created:
-            self.api.create_repo(self.repo_id, repo_type="dataset", private=self.private,
-                                 exist_ok=True)
+            self.api.create_repo(
+                self.repo_id, repo_type="dataset", private=self.private, exist_ok=True
+            )
             self._created = True
         for attempt in range(self.retries + 1):
             try:
-                self.api.upload_file(path_or_fileobj=str(local_path), path_in_repo=path_in_repo,
-                                     repo_id=self.repo_id, repo_type="dataset",
-                                     commit_message=f"timm-splat prefit: {path_in_repo}")
+                self.api.upload_file(
+                    path_or_fileobj=str(local_path),
+                    path_in_repo=path_in_repo,
+                    repo_id=self.repo_id,
+                    repo_type="dataset",
+                    commit_message=f"timm-splat prefit: {path_in_repo}",
+                )
                 return
             except OSError as exc:  # HTTP errors are OSErrors; ranks' commits can collide
                 if attempt == self.retries:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from PIL import Image, ImageOps
 
 
@@ -52,8 +51,10 @@ FLOAT_SLACK = 1e-3
 
 
 def _range_error(low: float, high: float) -> str:
-    return (f"float pixel values must be in [0, 1], got [{low:.4g}, {high:.4g}]: divide 0..255 "
-            "images by 255, and undo mean/std normalisation first")
+    return (
+        f"float pixel values must be in [0, 1], got [{low:.4g}, {high:.4g}]: divide 0..255 "
+        "images by 255, and undo mean/std normalisation first"
+    )
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -64,9 +65,7 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
     elif array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
         data = array.astype(np.float32)
     else:
-        raise ValueError(
-            f"numpy images must be uint8, uint16, bool or float, got {array.dtype}"
-        )
+        raise ValueError(f"numpy images must be uint8, uint16, bool or float, got {array.dtype}")
     if not np.isfinite(data).all():
         raise ValueError("numpy image contains NaN or infinite values")
     if data.size and (data.min() < -FLOAT_SLACK or data.max() > 1 + FLOAT_SLACK):
@@ -100,7 +99,9 @@ def _from_tensor(tensor: torch.Tensor) -> torch.Tensor:
     elif tensor.dim() == 3:
         tensor = tensor[None]
     elif tensor.dim() != 4:
-        raise ValueError(f"image tensors must be [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}")
+        raise ValueError(
+            f"image tensors must be [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}"
+        )
     # One check for the whole batch: on a GPU each check is a host sync.
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ValueError("image tensor contains NaN or infinite values")

@@ -35,13 +35,22 @@ HEADER = ("image", "budget", "splats", "PSNR dB", "bytes fp16", "vs uint8", "s/i
 
 def format_table(rows: list[FitRow]) -> str:
     cells = [HEADER] + [
-        (r.image, str(r.budget), str(r.kept), f"{r.psnr:.2f}", str(r.fp16_bytes),
-         f"{r.compression:.1f}x", f"{r.seconds:.2f}")
+        (
+            r.image,
+            str(r.budget),
+            str(r.kept),
+            f"{r.psnr:.2f}",
+            str(r.fp16_bytes),
+            f"{r.compression:.1f}x",
+            f"{r.seconds:.2f}",
+        )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -56,8 +65,9 @@ def save_grid(path: Path, rows: list[list[torch.Tensor]], pad: int = 4) -> None:
     """A PNG with one row per image: each entry a ``[3, H, W]`` tensor of the same size."""
     height, width = rows[0][0].shape[-2:]
     cols = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (cols * (width + pad) + pad, len(rows) * (height + pad) + pad),
-                       "white")
+    canvas = Image.new(
+        "RGB", (cols * (width + pad) + pad, len(rows) * (height + pad) + pad), "white"
+    )
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             canvas.paste(to_pil(image), (pad + j * (width + pad), pad + i * (height + pad)))
@@ -76,8 +86,10 @@ def save_psnr_plot(path: Path, rows: list[FitRow]) -> None:
     for name in dict.fromkeys(r.image for r in rows):
         mine = sorted((r for r in rows if r.image == name), key=lambda r: r.budget)
         ax.plot([r.budget for r in mine], [r.psnr for r in mine], "o-", alpha=0.5, label=name)
-    means = [sum(r.psnr for r in rows if r.budget == b) / sum(r.budget == b for r in rows)
-             for b in budgets]
+    means = [
+        sum(r.psnr for r in rows if r.budget == b) / sum(r.budget == b for r in rows)
+        for b in budgets
+    ]
     ax.plot(budgets, means, "k*-", linewidth=2.5, label="mean")
     ax.set_xscale("log")
     ax.set_xticks(budgets, [str(b) for b in budgets])

@@ -21,6 +21,9 @@ XY = slice(0, 2)
 CHOLESKY = slice(2, 5)
 COLOR = slice(5, 8)
 L11, L21, L22 = 2, 3, 4  # the Cholesky factor's entries
+# The thinnest a real splat may be (normalised units; a 224 px image's pixel is 4.5e-3): below
+# it, 1 / l^2 overflows float32 in the renderer.
+MIN_CHOLESKY = 1e-12
 BYTES_PER_SPLAT_FP16 = SPLAT_CHANNELS * 2
 
 # BT.709 luma weights, applied to |colour| to score a splat's visual weight (used for pruning).
@@ -62,6 +65,11 @@ def check_splats(splats: torch.Tensor, name: str = "splats") -> None:
             f"{name} has splats with l11 > 0 but l22 <= 0; a real splat needs l11 > 0 and l22 > 0 "
             "(an all-zero row is padding)"
         )
+    if bool((real & ((splats[..., L11] < MIN_CHOLESKY) | (splats[..., L22] < MIN_CHOLESKY))).any()):
+        raise ValueError(
+            f"{name} has splats with l11 or l22 below {MIN_CHOLESKY:g}: the renderer divides by "
+            "their squares, which overflow; such splats are invisible, drop them"
+        )
 
 
 def to_fp16(splats: torch.Tensor) -> torch.Tensor:
@@ -70,12 +78,16 @@ def to_fp16(splats: torch.Tensor) -> torch.Tensor:
     check_splats(splats)
     half = splats.detach().to("cpu", torch.float16)
     if not bool(torch.isfinite(half).all()):
-        raise ValueError("splats hold values beyond fp16's range (+-65504): they cannot be "
-                         "stored as fp16; check the fit that made them")
+        raise ValueError(
+            "splats hold values beyond fp16's range (+-65504): they cannot be "
+            "stored as fp16; check the fit that made them"
+        )
     real = splat_mask(splats.detach().cpu())
     if bool((real & ((half[..., L11] <= 0) | (half[..., L22] <= 0))).any()):
-        raise ValueError("splats have l11 or l22 below fp16's smallest value (6e-8): they would "
-                         "be stored as padding or invalid rows; drop or widen them first")
+        raise ValueError(
+            "splats have l11 or l22 below fp16's smallest value (6e-8): they would "
+            "be stored as padding or invalid rows; drop or widen them first"
+        )
     return half.contiguous()
 
 

@@ -56,23 +56,34 @@ class TrainConfig:
     """Everything a training stage needs; ``timm-splat train`` fills it from its flags."""
 
     stage: str = field(metadata=_arg("distill (stage 1) or clip (stage 2)", choices=STAGES))
-    train_data: str = field(metadata=_arg(
-        "an image folder (captions from .txt files), webdataset tars (img2dataset), an HF image "
-        "dataset or parquet, or a pre-fitted splat dataset (stage 2 only: stage 1's teacher reads "
-        "pixels)"))
+    train_data: str = field(
+        metadata=_arg(
+            "an image folder (captions from .txt files), webdataset tars (img2dataset), an HF "
+            "image dataset or parquet, or a pre-fitted splat dataset (stage 2 only: stage 1's "
+            "teacher reads pixels)"
+        )
+    )
     model: str = field(default="splat-ViT-B-16", metadata=_arg("a splat-ViT-* open_clip config"))
-    teacher: str | None = field(default=None, metadata=_arg(
-        "open_clip name of the RGB teacher (stage 1, from_rgb)"))
-    teacher_pretrained: str | None = field(default=None, metadata=_arg(
-        "open_clip tag, hf-hub: id or file"))
+    teacher: str | None = field(
+        default=None, metadata=_arg("open_clip name of the RGB teacher (stage 1, from_rgb)")
+    )
+    teacher_pretrained: str | None = field(
+        default=None, metadata=_arg("open_clip tag, hf-hub: id or file")
+    )
     split: str = field(default="train", metadata=_arg("split of --train-data"))
     output: str | None = field(default=None, metadata=_arg("run directory (default: --resume)"))
-    resume: str | None = field(default=None, metadata=_arg(
-        "run directory to continue (a stage's checkpoint, or stage 1's final weights for stage 2)"))
+    resume: str | None = field(
+        default=None,
+        metadata=_arg(
+            "run directory to continue (a stage's checkpoint, or stage 1's final weights for "
+            "stage 2)"
+        ),
+    )
     num_splats: int = field(default=DEFAULT_NUM_SPLATS, metadata=_arg("splat budget per image"))
     image_size: int = field(default=224, metadata=_arg("crop size images are fitted at"))
-    fit_iterations: int | None = field(default=None, metadata=_arg(
-        "iterations of on-the-fly fitting (default: the fitter's)"))
+    fit_iterations: int | None = field(
+        default=None, metadata=_arg("iterations of on-the-fly fitting (default: the fitter's)")
+    )
     epochs: int = field(default=2, metadata=_arg("epochs"))
     max_steps: int | None = field(default=None, metadata=_arg("stop after this many steps"))
     batch_size: int = field(default=64, metadata=_arg("batch size per process"))
@@ -80,16 +91,20 @@ class TrainConfig:
     lr: float = field(default=5e-4, metadata=_arg("peak learning rate (AdamW)"))
     weight_decay: float = field(default=0.1, metadata=_arg("AdamW weight decay of matrices"))
     warmup: int = field(default=100, metadata=_arg("warm-up steps"))
-    precision: str | None = field(default=None, metadata=_arg(
-        "accelerate mixed precision (default: bf16 on GPU, no on CPU)"))
+    precision: str | None = field(
+        default=None, metadata=_arg("accelerate mixed precision (default: bf16 on GPU, no on CPU)")
+    )
     checkpoint_every: int = field(default=500, metadata=_arg("steps between checkpoints"))
-    keep_checkpoints: int = field(default=3, metadata=_arg(
-        "complete checkpoints kept per stage, newest first (0: all)"))
+    keep_checkpoints: int = field(
+        default=3, metadata=_arg("complete checkpoints kept per stage, newest first (0: all)")
+    )
     log_every: int = field(default=10, metadata=_arg("steps between log lines"))
     workers: int = field(default=0, metadata=_arg("DataLoader workers"))
     seed: int = field(default=0, metadata=_arg("seed of weights, data order and fits"))
-    record_samples: bool = field(default=False, metadata=_arg(
-        "write the ids each process trained on to <stage>/samples-<rank>.txt"))
+    record_samples: bool = field(
+        default=False,
+        metadata=_arg("write the ids each process trained on to <stage>/samples-<rank>.txt"),
+    )
     cpu: bool = field(default=False, metadata=_arg("train on the CPU"))
 
     def __post_init__(self):
@@ -102,14 +117,17 @@ class TrainConfig:
             raise ValueError(f"--resume {self.resume}: no such run directory")
         for name in ("epochs", "batch_size", "accum_steps", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if self.keep_checkpoints < 0:
-            raise ValueError(f"--keep-checkpoints must be 0 (keep all) or more, got "
-                             f"{self.keep_checkpoints}")
+            raise ValueError(
+                f"--keep-checkpoints must be 0 (keep all) or more, got {self.keep_checkpoints}"
+            )
         if self.stage == "distill" and not self.teacher:
-            raise ValueError("stage distill needs --teacher (the RGB CLIP whose embeddings the "
-                             "stem learns)")
+            raise ValueError(
+                "stage distill needs --teacher (the RGB CLIP whose embeddings the stem learns)"
+            )
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -118,6 +136,7 @@ def warmup_cosine(warmup: int, total: int):
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -157,8 +176,9 @@ def train(config: TrainConfig) -> dict:
         gradient_accumulation_steps=config.accum_steps,
         # Streams: every process reads the stream and keeps its own share of the batches (no
         # dispatching of batches that hold strings); decoding and fitting touch only that share.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed,
-                                                  dispatch_batches=False),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=config.seed, dispatch_batches=False
+        ),
     )
     set_seed(config.seed)
 
@@ -175,70 +195,100 @@ def train(config: TrainConfig) -> dict:
     # Batches are fitted in the collate step: on the GPU when it runs in this process (CUDA
     # cannot start in forked workers).
     fit_device = accelerator.device if config.workers == 0 else "cpu"
-    splat_transform = SplatTransform(config.num_splats, config.image_size, device=fit_device,
-                                     **fit_options)
+    splat_transform = SplatTransform(
+        config.num_splats, config.image_size, device=fit_device, **fit_options
+    )
     teacher_preprocess = None
     if teacher is not None:
         cfg = teacher.visual.preprocess_cfg
-        teacher_preprocess = open_clip.image_transform(cfg["size"], is_train=False,
-                                                       mean=cfg["mean"], std=cfg["std"])
+        teacher_preprocess = open_clip.image_transform(
+            cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"]
+        )
     tokenizer = open_clip.get_tokenizer(config.model) if config.stage == "clip" else None
     dataset = open_train_data(config.train_data, config.split)
     streamed = isinstance(dataset, IterableDataset)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=not streamed, drop_last=True,
-                        num_workers=config.workers,
-                        collate_fn=TrainingCollate(splat_transform, teacher_preprocess, tokenizer))
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=not streamed,
+        drop_last=True,
+        num_workers=config.workers,
+        collate_fn=TrainingCollate(splat_transform, teacher_preprocess, tokenizer),
+    )
     batches = (dataset.num_items or 0) // config.batch_size if streamed else len(loader)
     if batches == 0 and not (streamed and config.max_steps):
-        raise ValueError(f"{config.train_data}: no full batch of {config.batch_size} samples"
-                         + (" (or an unknown length: pass --max-steps)" if streamed else ""))
+        raise ValueError(
+            f"{config.train_data}: no full batch of {config.batch_size} samples"
+            + (" (or an unknown length: pass --max-steps)" if streamed else "")
+        )
 
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
     steps_per_epoch = math.ceil(batches / accelerator.num_processes / config.accum_steps)
     total = config.max_steps or steps_per_epoch * config.epochs
     # accelerate steps a prepared scheduler once per process per step: count in those units.
     ticks = accelerator.num_processes
     warmup = min(config.warmup, max(1, total // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(warmup * ticks, total * ticks))
-    student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+        optimizer, warmup_cosine(warmup * ticks, total * ticks)
+    )
+    student, optimizer, loader, scheduler = accelerator.prepare(
+        student, optimizer, loader, scheduler
+    )
     if teacher is not None:
         teacher.to(accelerator.device)
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     checkpoint = latest_checkpoint(stage_dir / "checkpoints")
     if checkpoint is not None:
-        position = load_checkpoint(accelerator, checkpoint, model=student, optimizer=optimizer,
-                                   scheduler=scheduler)
+        position = load_checkpoint(
+            accelerator, checkpoint, model=student, optimizer=optimizer, scheduler=scheduler
+        )
         accelerator.print(f"resumed {checkpoint} at step {position['step']}")
     finished = stage_dir / "final" / "run.json"
     if position["step"] >= total and finished.is_file():
-        accelerator.print(f"stage {config.stage} of {run_dir} is finished ({finished}): nothing "
-                          "to do; pass a new --output to train again")
+        accelerator.print(
+            f"stage {config.stage} of {run_dir} is finished ({finished}): nothing "
+            "to do; pass a new --output to train again"
+        )
         accelerator.end_training()
         return json.loads(finished.read_text())
     state = SimpleNamespace(**position)
 
-    clip_loss = open_clip.ClipLoss(gather_with_grad=True, rank=accelerator.process_index,
-                                   world_size=accelerator.num_processes)
+    clip_loss = open_clip.ClipLoss(
+        gather_with_grad=True, rank=accelerator.process_index, world_size=accelerator.num_processes
+    )
     model = accelerator.unwrap_model(student)
     log_file = stage_dir / "log.jsonl"
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     def checkpoint_now():
-        save_checkpoint(accelerator, stage_dir / "checkpoints" / f"step_{state.step:07d}",
-                        model=student, optimizer=optimizer, scheduler=scheduler,
-                        position=vars(state).copy(), keep=config.keep_checkpoints)
+        save_checkpoint(
+            accelerator,
+            stage_dir / "checkpoints" / f"step_{state.step:07d}",
+            model=student,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            position=vars(state).copy(),
+            keep=config.keep_checkpoints,
+        )
 
     last_loss, seen, start = None, 0, time.perf_counter()
     while state.step < total and state.epoch < config.epochs:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) \
-            if state.batch_in_epoch else loader
+        batches = (
+            accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            if state.batch_in_epoch
+            else loader
+        )
         for batch in batches:
             with accelerator.accumulate(student):
                 image = F.normalize(model.encode_image(batch["splats"]), dim=-1)
@@ -266,9 +316,13 @@ def train(config: TrainConfig) -> dict:
             state.step += 1
             last_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
             if state.step % config.log_every == 0 or state.step == 1:
-                record = {"step": state.step, "epoch": state.epoch, "loss": last_loss,
-                          "lr": scheduler.get_last_lr()[0],
-                          "images_per_s": seen / (time.perf_counter() - start)}
+                record = {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": last_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": seen / (time.perf_counter() - start),
+                }
                 accelerator.print(json.dumps(record))
                 if accelerator.is_main_process:
                     with log_file.open("a") as f:
@@ -282,10 +336,17 @@ def train(config: TrainConfig) -> dict:
             state.batch_in_epoch = 0
     checkpoint_now()
 
-    result = {"model": config.model, "stage": config.stage, "num_splats": config.num_splats,
-              "steps": state.step, "final_loss": last_loss, "data": config.train_data,
-              "teacher": config.teacher, "teacher_pretrained": config.teacher_pretrained,
-              "quick_gelu": uses_quick_gelu(model)}
+    result = {
+        "model": config.model,
+        "stage": config.stage,
+        "num_splats": config.num_splats,
+        "steps": state.step,
+        "final_loss": last_loss,
+        "data": config.train_data,
+        "teacher": config.teacher,
+        "teacher_pretrained": config.teacher_pretrained,
+        "quick_gelu": uses_quick_gelu(model),
+    }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # Written beside and renamed into place: a reader never sees half a final folder.

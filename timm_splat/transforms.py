@@ -37,8 +37,12 @@ TIMM_DEFAULT_CROP_PCT = 0.875
 # The modes torchvision can resize float tensors with (box / hamming / lanczos are PIL-only).
 INTERPOLATIONS = {
     m.value: m
-    for m in (InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT,
-              InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
+    for m in (
+        InterpolationMode.NEAREST,
+        InterpolationMode.NEAREST_EXACT,
+        InterpolationMode.BILINEAR,
+        InterpolationMode.BICUBIC,
+    )
 }
 CROP_MODES = ("center", "squash")
 _ACCEPTED = (
@@ -50,7 +54,9 @@ _ACCEPTED = (
 def _is_splats(x) -> bool:
     # 2-D float with 8 columns: a splat set. Image tensors are 3-D ([C, H, W]), so no clash.
     return (
-        isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[-1] == SPLAT_CHANNELS
+        isinstance(x, torch.Tensor)
+        and x.dim() == 2
+        and x.shape[-1] == SPLAT_CHANNELS
         and x.is_floating_point()
     )
 
@@ -128,7 +134,8 @@ class SplatTransform:
         ``cfg``: a splat model (its data config and budget), or a dict:
         ``timm.data.resolve_model_data_config(model)`` or ``model.pretrained_cfg``;
         ``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode`` and ``num_splats``
-        (default :data:`~timm_splat.splats.DEFAULT_NUM_SPLATS`) are read, ``overrides`` (any ``__init__`` argument) win. ``mean`` and
+        (default :data:`~timm_splat.splats.DEFAULT_NUM_SPLATS`) are read, ``overrides`` (any
+        ``__init__`` argument) win. ``mean`` and
         ``std`` are ignored on purpose: splats are fitted to raw [0, 1] colours and the model
         normalises splat features itself.
         """

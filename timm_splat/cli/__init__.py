@@ -36,8 +36,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timm-splat", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=HELP[name], description=HELP[name],
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub_parser = sub.add_parser(
+            name,
+            help=HELP[name],
+            description=HELP[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if command in (None, name):
             module = importlib.import_module(f"{__name__}.{module_name}")
             module.add_arguments(sub_parser)

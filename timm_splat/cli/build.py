@@ -9,8 +9,9 @@ import torch
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--cuda", action="store_true",
-                        help="build the CUDA kernels too (needs nvcc, not a GPU)")
+    parser.add_argument(
+        "--cuda", action="store_true", help="build the CUDA kernels too (needs nvcc, not a GPU)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
 
 
@@ -23,11 +24,15 @@ def run(args) -> int:
     try:
         built = extension.build(verbose=args.verbose, cuda=args.cuda or None)
     except Exception as exc:
-        print(f"kernel build failed: {exc}\n(rerun with --verbose for the compiler's output)",
-              file=sys.stderr)
+        print(
+            f"kernel build failed: {exc}\n(rerun with --verbose for the compiler's output)",
+            file=sys.stderr,
+        )
         return 1
-    print(f"built {built['name']} for {' + '.join(built['devices'])} in "
-          f"{time.perf_counter() - start:.0f} s, cached in {built['folder']}")
+    print(
+        f"built {built['name']} for {' + '.join(built['devices'])} in "
+        f"{time.perf_counter() - start:.0f} s, cached in {built['folder']}"
+    )
     if built["cuda_archs"]:
         print(f"CUDA archs: {built['cuda_archs']} (toolkit {built['cuda_home']})")
     return 0

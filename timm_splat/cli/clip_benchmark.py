@@ -1,4 +1,5 @@
-"""``timm-splat-benchmark``: LAION's clip_benchmark with splat CLIPs (``pip install clip_benchmark``).
+"""``timm-splat-benchmark``: LAION's clip_benchmark with splat CLIPs
+(``pip install clip_benchmark``).
 
     timm-splat-benchmark eval --model splat-ViT-B-16 --pretrained runs/gs400 \\
         --dataset cifar10 --dataset_root data/cifar10 --task zeroshot_classification
@@ -25,8 +26,9 @@ MODEL_TYPE = "splat"
 INSTALL_HINT = "timm-splat-benchmark needs LAION's clip_benchmark: pip install clip_benchmark"
 
 
-def load_splat(model_name: str, pretrained: str | None = None, cache_dir: str | None = None,
-               device="cpu"):
+def load_splat(
+    model_name: str, pretrained: str | None = None, cache_dir: str | None = None, device="cpu"
+):
     """clip_benchmark's loader contract: ``(model, transform, tokenizer)``.
 
     clip_benchmark runs the transform per image in its DataLoader workers and hands batches to
@@ -71,12 +73,16 @@ def register() -> None:
         import clip_benchmark.models as models
     except ImportError as exc:
         if (exc.name or "clip_benchmark").split(".")[0] != "clip_benchmark":
-            raise ImportError(f"clip_benchmark is installed but importing it failed: {exc}") from exc
+            raise ImportError(
+                f"clip_benchmark is installed but importing it failed: {exc}"
+            ) from exc
         raise ImportError(INSTALL_HINT) from exc
     registry = getattr(models, "TYPE2FUNC", None)
     if not isinstance(registry, dict):
-        raise RuntimeError("this clip_benchmark has no TYPE2FUNC loader registry in "
-                           "clip_benchmark.models: cannot register the splat model type")
+        raise RuntimeError(
+            "this clip_benchmark has no TYPE2FUNC loader registry in "
+            "clip_benchmark.models: cannot register the splat model type"
+        )
     registry[MODEL_TYPE] = load_splat
     types = getattr(models, "MODEL_TYPES", None)
     # The CLI's --model_type choices and load_clip's check use this very list object.

@@ -27,8 +27,11 @@ def run(args) -> int:
     photos = sample_photos(args.size)
     names = list(photos)
     images = to_rgb_tensors(list(photos.values()))
-    print(f"fitting {len(names)} scikit-image photos at {args.size}x{args.size}, "
-          f"budgets {list(args.budgets)}", flush=True)
+    print(
+        f"fitting {len(names)} scikit-image photos at {args.size}x{args.size}, "
+        f"budgets {list(args.budgets)}",
+        flush=True,
+    )
     rows, renders = [], []
     for budget in args.budgets:
         result, seconds = fit_timed(images, budget, args.iterations)
@@ -38,11 +41,15 @@ def run(args) -> int:
     print(format_table(rows))
     for budget in args.budgets:
         mine = [r for r in rows if r.budget == budget]
-        print(f"mean at {budget:>5} splats: {sum(r.psnr for r in mine) / len(mine):.2f} dB, "
-              f"{sum(r.seconds for r in mine) / len(mine):.2f} s/image")
+        print(
+            f"mean at {budget:>5} splats: {sum(r.psnr for r in mine) / len(mine):.2f} dB, "
+            f"{sum(r.seconds for r in mine) / len(mine):.2f} s/image"
+        )
     grid = [[images[i]] + [render[i] for render in renders] for i in range(len(names))]
     save_grid(out / "demo_grid.png", grid)
     save_psnr_plot(out / "demo_psnr.png", rows)
-    print(f"wrote {out / 'demo_grid.png'} (original | {' | '.join(map(str, args.budgets))} "
-          f"splats) and {out / 'demo_psnr.png'}")
+    print(
+        f"wrote {out / 'demo_grid.png'} (original | {' | '.join(map(str, args.budgets))} "
+        f"splats) and {out / 'demo_psnr.png'}"
+    )
     return 0

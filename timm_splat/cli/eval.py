@@ -1,4 +1,5 @@
-"""``timm-splat eval``: zero-shot classification of a splat CLIP (see :mod:`timm_splat.evaluation`)."""
+"""``timm-splat eval``: zero-shot classification of a splat CLIP (see
+:mod:`timm_splat.evaluation`)."""
 
 from __future__ import annotations
 

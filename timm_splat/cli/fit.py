@@ -43,9 +43,17 @@ def run(args) -> int:
         stems.add(stem)
         height, width = images[i].shape[-2:]
         splats = result.splats[i].half().float()  # the render shows what the file holds
-        save_splats(out / f"{stem}.safetensors", splats, height=height, width=width,
-                    psnr=f"{float(result.psnr[i]):.3f}", source=str(path))
+        save_splats(
+            out / f"{stem}.safetensors",
+            splats,
+            height=height,
+            width=width,
+            psnr=f"{float(result.psnr[i]):.3f}",
+            source=str(path),
+        )
         to_pil(render_splats(splats, height, width)).save(out / f"{stem}.png")
-    print(format_table(report_rows([p.name for p in paths], images, result, args.num_splats, seconds)))
+    print(
+        format_table(report_rows([p.name for p in paths], images, result, args.num_splats, seconds))
+    )
     print(f"wrote {len(paths)} splat files (.safetensors, fp16) and renders (.png) to {out}")
     return 0

@@ -27,7 +27,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
         if kind is bool:
             parser.add_argument(flag, action="store_true", **extra)
             continue
-        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
         if not required and field.default is not None:
             extra["help"] = f"{extra.get('help', '')} (default: {field.default})".strip()
         default = None if required else field.default

@@ -20,8 +20,9 @@ from ..fitting import FitConfig
 from ..hub import DirectoryUploader, HubUploader
 from ..splats import DEFAULT_NUM_SPLATS
 
-_FIT_FIELDS = {f.name: f for f in dataclasses.fields(FitConfig)
-               if f.name not in ("num_splats", "batch_size")}
+_FIT_FIELDS = {
+    f.name: f for f in dataclasses.fields(FitConfig) if f.name not in ("num_splats", "batch_size")
+}
 
 
 def _fit_option(text: str) -> tuple[str, object]:
@@ -41,41 +42,82 @@ def _fit_option(text: str) -> tuple[str, object]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
-    parser.add_argument("--dataset", required=True,
-                        help="image folder (class subfolders = labels), webdataset .tar shards "
-                        "(file, glob or folder), .parquet files, a local dataset folder or a Hub id")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="image folder (class subfolders = labels), webdataset .tar shards "
+        "(file, glob or folder), .parquet files, a local dataset folder or a Hub id",
+    )
     parser.add_argument("--out", required=True, help="output folder (resumed if it holds a run)")
-    parser.add_argument("--split", default="train",
-                        help="split to read, and its name in the output (default: train)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="split to read, and its name in the output (default: train)",
+    )
     parser.add_argument("--dataset-config", default=None, help="config name of a Hub dataset")
-    parser.add_argument("--num-splats", type=int, default=DEFAULT_NUM_SPLATS,
-                        help=f"splat budget per image (default: {DEFAULT_NUM_SPLATS})")
-    parser.add_argument("--image-size", type=int, default=224,
-                        help="crop size fitted (default: 224)")
-    parser.add_argument("--crop-pct", type=float, default=1.0,
-                        help="crop share of the resized shorter side, timm's convention "
-                        "(default: 1)")
-    parser.add_argument("--interpolation", default="bicubic",
-                        help="resize interpolation (default: bicubic)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per fit call (default: 64; on a GPU use thousands)")
-    parser.add_argument("--shard-size", type=int, default=1000,
-                        help="rows per parquet file (default: 1000)")
+    parser.add_argument(
+        "--num-splats",
+        type=int,
+        default=DEFAULT_NUM_SPLATS,
+        help=f"splat budget per image (default: {DEFAULT_NUM_SPLATS})",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="crop size fitted (default: 224)"
+    )
+    parser.add_argument(
+        "--crop-pct",
+        type=float,
+        default=1.0,
+        help="crop share of the resized shorter side, timm's convention (default: 1)",
+    )
+    parser.add_argument(
+        "--interpolation", default="bicubic", help="resize interpolation (default: bicubic)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per fit call (default: 64; on a GPU use thousands)",
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="rows per parquet file (default: 1000)"
+    )
     parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
-    parser.add_argument("--iterations", type=int, default=None,
-                        help=f"iterations per fit (default: {FitConfig.iterations})")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"iterations per fit (default: {FitConfig.iterations})",
+    )
     parser.add_argument("--seed", type=int, default=None, help="fit seed (default: 0)")
-    parser.add_argument("--fit-option", type=_fit_option, action="append", default=[],
-                        metavar="KEY=VALUE", help="any other FitConfig field (repeatable)")
-    parser.add_argument("--workers", type=int, default=4,
-                        help="image decoding threads (default: 4)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="only the first LIMIT items of the source (a trial run)")
+    parser.add_argument(
+        "--fit-option",
+        type=_fit_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other FitConfig field (repeatable)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=4, help="image decoding threads (default: 4)"
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first LIMIT items of the source (a trial run)",
+    )
     push = parser.add_mutually_exclusive_group()
-    push.add_argument("--push-to-hub", metavar="REPO",
-                      help="upload each finished shard, then the card, to this dataset repo")
-    push.add_argument("--dry-run-push", metavar="DIR",
-                      help="copy what --push-to-hub would upload into DIR instead")
+    push.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload each finished shard, then the card, to this dataset repo",
+    )
+    push.add_argument(
+        "--dry-run-push",
+        metavar="DIR",
+        help="copy what --push-to-hub would upload into DIR instead",
+    )
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -93,12 +135,23 @@ def run(args) -> int:
         uploader = DirectoryUploader(args.dry_run_push)
     try:
         prefit(
-            args.dataset, args.out, split=args.split, num_splats=args.num_splats,
-            image_size=args.image_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
-            batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
-            dataset_config=args.dataset_config, limit=args.limit, workers=args.workers,
-            uploader=uploader, repo_id=args.push_to_hub,
-            progress=False if args.no_progress else None, **fit_options,
+            args.dataset,
+            args.out,
+            split=args.split,
+            num_splats=args.num_splats,
+            image_size=args.image_size,
+            crop_pct=args.crop_pct,
+            interpolation=args.interpolation,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            device=args.device,
+            dataset_config=args.dataset_config,
+            limit=args.limit,
+            workers=args.workers,
+            uploader=uploader,
+            repo_id=args.push_to_hub,
+            progress=False if args.no_progress else None,
+            **fit_options,
         )
     finally:
         if torch.distributed.is_initialized():  # else gloo aborts at interpreter exit

@@ -16,8 +16,14 @@ CARD_TEMPLATE = card_template("dataset_card.md")
 
 
 def _size_category(rows: int) -> str:
-    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-              (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")]
+    bounds = [
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+    ]
     return next((name for bound, name in bounds if rows < bound), "100M<n<1B")
 
 
@@ -64,7 +70,7 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
     if not splits:
         raise PrefitError(f"{out} holds no finished split yet")
 
-    (short, text, on_hub), first_run = next(iter(sources)), splits[0]["name"]
+    (short, text, _), first_run = next(iter(sources)), splits[0]["name"]
     if len(sources) > 1:  # splits fitted from different sources: say which is which
         text = "; ".join(f"{t} ({', '.join(names)})" for (_, t, _), names in sources.items())
     height, width = settings["image_size"]
@@ -72,11 +78,14 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
     shard = next((out / "data").glob(f"{first_run}-*.parquet"), None)
     label = Features.from_arrow_schema(pq.read_schema(shard))["label"] if shard else None
     defaults = dataclasses.asdict(FitConfig())
-    command = [f"timm-splat prefit --dataset {short} --split {first_run}",
-               f"--num-splats {num_splats} --image-size {height} --out {out.name}"]
+    command = [
+        f"timm-splat prefit --dataset {short} --split {first_run}",
+        f"--num-splats {num_splats} --image-size {height} --out {out.name}",
+    ]
     if settings["crop_pct"] != 1.0 or settings["interpolation"] != "bicubic":
-        command.append(f"--crop-pct {settings['crop_pct']} "
-                       f"--interpolation {settings['interpolation']}")
+        command.append(
+            f"--crop-pct {settings['crop_pct']} --interpolation {settings['interpolation']}"
+        )
     command += [f"--fit-option {k}={v}" for k, v in settings["fit"].items() if defaults[k] != v]
     rows = sum(s["rows"] for s in splits)
     card_data = DatasetCardData(
@@ -84,24 +93,39 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
         size_categories=_size_category(rows),
         source_datasets=sorted(n for (n, _, hub) in sources if hub) or None,
         tags=["timm-splat", "gaussian-splatting", "image"],
-        configs=[{"config_name": "default", "data_files": [
-            {"split": s["name"], "path": f"data/{s['name']}-*"} for s in splits]}],
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [{"split": s["name"], "path": f"data/{s['name']}-*"} for s in splits],
+            }
+        ],
     )
     kind = json.loads((state / first_run / "run.json").read_text())["source_kind"]
     context = dict(
-        source_text=text[0].upper() + text[1:], source_text_lower=text, version=__version__,
-        num_splats=num_splats, image_size=f"{height}x{width}", crop_pct=settings["crop_pct"],
-        interpolation=settings["interpolation"], splits=splits,
-        bytes_per_image=num_splats * BYTES_PER_SPLAT_FP16, pixel_bytes=height * width * 3,
+        source_text=text[0].upper() + text[1:],
+        source_text_lower=text,
+        version=__version__,
+        num_splats=num_splats,
+        image_size=f"{height}x{width}",
+        crop_pct=settings["crop_pct"],
+        interpolation=settings["interpolation"],
+        splits=splits,
+        bytes_per_image=num_splats * BYTES_PER_SPLAT_FP16,
+        pixel_bytes=height * width * 3,
         compression=compression_ratio(num_splats, height, width),
-        disk_bytes_per_image=round(sum(s["bytes_per_row"] * s["rows"] for s in splits)
-                                   / max(1, rows)),
-        label_type=(f"`ClassLabel` ({label.num_classes} classes)" if hasattr(label, "names")
-                    else "`int64`"),
-        source_id_text={"imagefolder": "the file's path in the folder",
-                        "webdataset": "the webdataset key"}.get(kind, "the row index in the split"),
+        disk_bytes_per_image=round(
+            sum(s["bytes_per_row"] * s["rows"] for s in splits) / max(1, rows)
+        ),
+        label_type=(
+            f"`ClassLabel` ({label.num_classes} classes)" if hasattr(label, "names") else "`int64`"
+        ),
+        source_id_text={
+            "imagefolder": "the file's path in the folder",
+            "webdataset": "the webdataset key",
+        }.get(kind, "the row index in the split"),
         repo_id=repo_id or "path/to/this/dataset",
-        command=" \\\n    ".join(command), fit={"num_splats": num_splats, **settings["fit"]},
+        command=" \\\n    ".join(command),
+        fit={"num_splats": num_splats, **settings["fit"]},
     )
     if CARD_TEMPLATE is not None:
         card = DatasetCard.from_template(card_data, template_path=str(CARD_TEMPLATE), **context)
@@ -110,4 +134,3 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
     path = out / "README.md"
     write_atomic(path, str(card))
     return path
-

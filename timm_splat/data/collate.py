@@ -52,11 +52,15 @@ class TrainingCollate:
         if "splats" in rows[0]:
             batch["splats"] = torch.stack([transform.image_transform(r["splats"]) for r in rows])
         else:
-            batch["splats"] = transform.collate([transform.image_transform(r["image"]) for r in rows])
+            batch["splats"] = transform.collate(
+                [transform.image_transform(r["image"]) for r in rows]
+            )
         if self.teacher_preprocess is not None:
             if "image" not in rows[0]:
-                raise ValueError("distillation needs the images for the teacher: train on an "
-                                 "image source, not pre-fitted splats")
+                raise ValueError(
+                    "distillation needs the images for the teacher: train on an "
+                    "image source, not pre-fitted splats"
+                )
             batch["pixels"] = torch.stack([self.teacher_preprocess(r["image"]) for r in rows])
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer([r["caption"] for r in rows])

@@ -22,6 +22,7 @@ def is_image_folder(path) -> bool:
 
 # -- training ---------------------------------------------------------------------------------
 
+
 def _sample(item, class_names) -> dict:
     """A training sample of a source item; the image decodes later, in the collate step, for
     the samples this process trains on only."""
@@ -90,6 +91,7 @@ def open_train_data(path: str, split: str) -> Dataset | IterableDataset:
 
 # -- evaluation -------------------------------------------------------------------------------
 
+
 class FitBatches:
     """Batches of an image folder's loader, each fitted in one :meth:`SplatTransform.collate`
     call in this process: workers only decode, resize and crop (a fit on the GPU cannot run in
@@ -110,8 +112,16 @@ def _samples(batch):
     return batch
 
 
-def labelled_loader(data, *, split: str = "validation", batch_size: int = 64, transform=None,
-                    num_splats: int | None = None, workers: int = 0, limit: int | None = None):
+def labelled_loader(
+    data,
+    *,
+    split: str = "validation",
+    batch_size: int = 64,
+    transform=None,
+    num_splats: int | None = None,
+    workers: int = 0,
+    limit: int | None = None,
+):
     """``(loader of (splats [B, N, 8], labels [B]), folder_classes)`` for a pre-fitted dataset or
     an image folder; ``folder_classes`` is None unless ``data`` is an image folder.
     ``transform``: the :class:`SplatTransform` that fits an image folder (each batch in one
@@ -127,8 +137,9 @@ def labelled_loader(data, *, split: str = "validation", batch_size: int = 64, tr
         classes = list(dataset.classes)
         if limit:
             dataset = Subset(dataset, range(min(limit, len(dataset))))
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                            collate_fn=_samples)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=_samples
+        )
         return FitBatches(loader, transform), classes
     # Streaming reads the parquet shards as they are: no Arrow copy in the datasets cache.
     rows = load_prefit(data, split, streaming=True)

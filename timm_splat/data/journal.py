@@ -47,6 +47,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 # -- statistics ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Stats:
     """Row counts and PSNR statistics in constant memory: PSNR percentiles come from a histogram
@@ -112,15 +113,20 @@ class Stats:
         """The numbers the dataset card shows."""
         rows = max(self.rows, 1)
         return {
-            "rows": self.rows, "skipped": self.skipped, "shards": self.shards,
-            "psnr_mean": self.psnr_sum / rows, "psnr_min": self.psnr_min,
-            "psnr_max": self.psnr_max, "real_splats_mean": self.real_splats / rows,
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "shards": self.shards,
+            "psnr_mean": self.psnr_sum / rows,
+            "psnr_min": self.psnr_min,
+            "psnr_max": self.psnr_max,
+            "real_splats_mean": self.real_splats / rows,
             "bytes_per_row": self.bytes / rows,
             **{f"psnr_p{q}": self.percentile(q) for q in (1, 5, 25, 50, 75, 95, 99)},
         }
 
 
 # -- the per-rank journal -----------------------------------------------------------------------
+
 
 class Journal:
     """A rank's record of finished work, one JSON line per event, appended and fsynced:
@@ -179,5 +185,3 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         self._apply(event)
-
-

@@ -52,9 +52,13 @@ _MAX_FAILURES_BEFORE_FIRST_ROW = 64
 
 # -- run settings -------------------------------------------------------------------------------
 
+
 def _diffs(stored: dict, now: dict) -> str:
-    return "; ".join(f"{key}: {stored.get(key)!r} there, {now.get(key)!r} now"
-                     for key in sorted(set(stored) | set(now)) if stored.get(key) != now.get(key))
+    return "; ".join(
+        f"{key}: {stored.get(key)!r} there, {now.get(key)!r} now"
+        for key in sorted(set(stored) | set(now))
+        if stored.get(key) != now.get(key)
+    )
 
 
 def _check_settings(out: Path, split: str, settings: dict, run: dict) -> None:
@@ -84,21 +88,27 @@ def _check_settings(out: Path, split: str, settings: dict, run: dict) -> None:
         write_atomic(run_path, json.dumps(run, indent=2, sort_keys=True))
         return
     stored = json.loads(run_path.read_text())
-    redo = (f"pass a new --out, or delete {out / 'data'}/{split}-* and {state / split} to fit "
-            "the split again")
+    redo = (
+        f"pass a new --out, or delete {out / 'data'}/{split}-* and {state / split} to fit "
+        "the split again"
+    )
     source_keys = ("source", "source_kind", "dataset_config")
     diffs = _diffs({k: stored[k] for k in source_keys}, {k: run[k] for k in source_keys})
     if diffs:
-        raise PrefitError(f"split {split!r} in {out} is being fitted from another source "
-                          f"({diffs}); shards of two sources must not be mixed: {redo}")
+        raise PrefitError(
+            f"split {split!r} in {out} is being fitted from another source "
+            f"({diffs}); shards of two sources must not be mixed: {redo}"
+        )
     if stored["world_size"] != run["world_size"]:
         raise PrefitError(
             f"split {split!r} in {out} was started on {stored['world_size']} process(es), now "
             f"{run['world_size']}: item i goes to rank i % world_size, so it can only be resumed "
             f"on {stored['world_size']}; or {redo}"
         )
-    if None not in (stored["num_items"], run["num_items"]) and \
-            stored["num_items"] != run["num_items"]:
+    if (
+        None not in (stored["num_items"], run["num_items"])
+        and stored["num_items"] != run["num_items"]
+    ):
         raise PrefitError(
             f"the source of split {split!r} held {stored['num_items']} images when the run "
             f"started and {run['num_items']} now: a resumed run skips images by their place in "
@@ -106,8 +116,13 @@ def _check_settings(out: Path, split: str, settings: dict, run: dict) -> None:
         )
 
 
-def _run_settings(source: Source, transform: SplatTransform, config: FitConfig,
-                  dataset_config: str | None, world_size: int) -> tuple[dict, dict]:
+def _run_settings(
+    source: Source,
+    transform: SplatTransform,
+    config: FitConfig,
+    dataset_config: str | None,
+    world_size: int,
+) -> tuple[dict, dict]:
     """(settings of the whole dataset, settings of this split's run)."""
     fit = dataclasses.asdict(config)
     # batch_size changes nothing in the result (the fit is batch-invariant): free on resume.
@@ -120,8 +135,13 @@ def _run_settings(source: Source, transform: SplatTransform, config: FitConfig,
         "interpolation": transform.interpolation.value,
         "fit": fit,
     }
-    run = {"source": source.name, "source_kind": source.kind, "dataset_config": dataset_config,
-           "world_size": world_size, "num_items": source.num_items}
+    run = {
+        "source": source.name,
+        "source_kind": source.kind,
+        "dataset_config": dataset_config,
+        "world_size": world_size,
+        "num_items": source.num_items,
+    }
     return settings, run
 
 
@@ -142,8 +162,11 @@ def _split_state(out: Path, split: str, rank: int, journal: Journal, uploader_ta
         )
     if uploader_target is None:
         return []
-    return [(k, file) for k, file in enumerate(journal.files)
-            if (k, uploader_target) not in journal.pushed]
+    return [
+        (k, file)
+        for k, file in enumerate(journal.files)
+        if (k, uploader_target) not in journal.pushed
+    ]
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -176,6 +199,7 @@ def _prepared_batches(items: Iterator[Item], prepare, batch_size: int, workers: 
                 yield [(item, *future.result()) for item, future in ahead.popleft()]
         while ahead:
             yield [(item, *future.result()) for item, future in ahead.popleft()]
+
 
 def _remaining(cursor: int, stop: int | None, rank: int, world_size: int) -> int | None:
     if stop is None:
@@ -234,25 +258,32 @@ def prefit(
         if not isinstance(value, int) or value < 1:
             raise PrefitError(f"{name} must be a positive int, got {value!r}")
     fit_options.pop("batch_size", None)  # batch_size above decides
-    transform = SplatTransform(num_splats, image_size, crop_pct=crop_pct,
-                               interpolation=interpolation, **fit_options)
+    transform = SplatTransform(
+        num_splats, image_size, crop_pct=crop_pct, interpolation=interpolation, **fit_options
+    )
     config = FitConfig(num_splats=num_splats, batch_size=batch_size, **fit_options)
     ranks = Ranks()
     rank, world = ranks.rank, ranks.world_size
-    source = dataset if isinstance(dataset, Source) else open_source(dataset, split,
-                                                                      dataset_config)
+    source = dataset if isinstance(dataset, Source) else open_source(dataset, split, dataset_config)
     out = Path(out)
     _check_settings(out, split, *_run_settings(source, transform, config, dataset_config, world))
 
     journal = Journal(out / STATE_DIR / split / f"rank-{rank:05d}.jsonl")
     unpushed = _split_state(out, split, rank, journal, uploader and upload_target(uploader))
-    writer = ShardWriter(out, split, rank, prefit_features(num_splats, source.class_names),
-                          journal, uploader)
+    writer = ShardWriter(
+        out, split, rank, prefit_features(num_splats, source.class_names), journal, uploader
+    )
     for shard, file in unpushed:  # finished before a kill, or before --push-to-hub was given
         writer.push(shard, file)
     if journal.shards:
-        logger.info("rank %d: resuming %s after %d shards (%d rows), at item %d", rank, split,
-                    journal.shards, journal.stats.rows, journal.cursor)
+        logger.info(
+            "rank %d: resuming %s after %d shards (%d rows), at item %d",
+            rank,
+            split,
+            journal.shards,
+            journal.stats.rows,
+            journal.cursor,
+        )
     if device is None or (str(device) == "cuda" and world > 1):  # one GPU per local rank
         device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
 
@@ -262,8 +293,13 @@ def prefit(
     skipped: list = []  # [index, source_id] of undecodable items not journalled yet
     failures = 0
     show = ranks.local_rank == 0 if progress is None else progress
-    with tqdm(total=_remaining(journal.cursor, known_end, rank, world), disable=not show,
-              unit="img", desc=f"prefit {split}", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=_remaining(journal.cursor, known_end, rank, world),
+        disable=not show,
+        unit="img",
+        desc=f"prefit {split}",
+        dynamic_ncols=True,
+    ) as bar:
         for batch in _prepared_batches(items, transform.image_transform, batch_size, workers):
             good = [(item, pixels) for item, pixels, _ in batch if pixels is not None]
             for item, _, error in batch:
@@ -278,8 +314,9 @@ def prefit(
                 )
             if good:
                 rows += _fit_batch(good, num_splats, device, fit_options)
-                bar.set_postfix(psnr=f"{np.mean([r.psnr for r in rows[-len(good):]]):.2f}",
-                                refresh=False)
+                bar.set_postfix(
+                    psnr=f"{np.mean([r.psnr for r in rows[-len(good) :]]):.2f}", refresh=False
+                )
             bar.update(len(batch))
             while len(rows) >= shard_size:
                 writer.write(rows[:shard_size], skipped)
@@ -294,13 +331,19 @@ def prefit(
 
 def _fit_batch(good: list, num_splats: int, device, fit_options: dict) -> list[Row]:
     """One fit_splats call for the batch (its own batch size, so one kernel batch)."""
-    fitted = fit_splats(torch.stack([pixels for _, pixels in good]), num_splats=num_splats,
-                        progress=False, device=device, **dict(fit_options, batch_size=len(good)))
+    fitted = fit_splats(
+        torch.stack([pixels for _, pixels in good]),
+        num_splats=num_splats,
+        progress=False,
+        device=device,
+        **dict(fit_options, batch_size=len(good)),
+    )
     half = fitted.splats.to("cpu", torch.float16)
     real = splat_count(half).tolist()  # counted as stored: fp16 is what readers get
-    return [Row(item.index, item.source_id, item.label, item.caption, splats, psnr, count)
-            for (item, _), splats, psnr, count in zip(good, half.numpy(), fitted.psnr.tolist(),
-                                                       real)]
+    return [
+        Row(item.index, item.source_id, item.label, item.caption, splats, psnr, count)
+        for (item, _), splats, psnr, count in zip(good, half.numpy(), fitted.psnr.tolist(), real)
+    ]
 
 
 def _finish(ranks: Ranks, journal: Journal, out: Path, split: str, uploader, repo_id):
@@ -311,15 +354,20 @@ def _finish(ranks: Ranks, journal: Journal, out: Path, split: str, uploader, rep
         merged = Stats()
         for part in stats:
             merged.merge(Stats.from_dict(part))
-        write_atomic(out / STATE_DIR / split / "summary.json",
-                      json.dumps(merged.to_dict(), sort_keys=True))
+        write_atomic(
+            out / STATE_DIR / split / "summary.json", json.dumps(merged.to_dict(), sort_keys=True)
+        )
         card = write_card(out, repo_id=repo_id)
         if uploader is not None:
             uploader(card, "README.md")
         result = merged.summary()
-        logger.info("%s: %d rows in %d shards, PSNR mean %.2f dB, %d skipped", split,
-                    merged.rows, merged.shards, result["psnr_mean"], merged.skipped)
+        logger.info(
+            "%s: %d rows in %d shards, PSNR mean %.2f dB, %d skipped",
+            split,
+            merged.rows,
+            merged.shards,
+            result["psnr_mean"],
+            merged.skipped,
+        )
     ranks.barrier()
     return result
-
-

@@ -39,5 +39,3 @@ class Ranks:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
-
-

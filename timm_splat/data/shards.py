@@ -29,25 +29,33 @@ class Row(NamedTuple):
     real_splats: int
 
 
-
 def prefit_features(num_splats: int, class_names: list[str] | None = None):
     """The ``datasets.Features`` of a pre-fitted dataset's rows."""
     from datasets import Array2D, ClassLabel, Features, Value
 
-    return Features({
-        "splats": Array2D((num_splats, SPLAT_CHANNELS), "float16"),
-        "label": ClassLabel(names=class_names) if class_names else Value("int64"),
-        "caption": Value("string"),
-        "source_id": Value("string"),
-        "psnr": Value("float32"),
-    })
+    return Features(
+        {
+            "splats": Array2D((num_splats, SPLAT_CHANNELS), "float16"),
+            "label": ClassLabel(names=class_names) if class_names else Value("int64"),
+            "caption": Value("string"),
+            "source_id": Value("string"),
+            "psnr": Value("float32"),
+        }
+    )
 
 
 class ShardWriter:
     """Writes rows as the next shard (temp file, fsync, rename), journals it, uploads it."""
 
-    def __init__(self, out: Path, split: str, rank: int, features, journal: Journal,
-                 uploader: Uploader | None):
+    def __init__(
+        self,
+        out: Path,
+        split: str,
+        rank: int,
+        features,
+        journal: Journal,
+        uploader: Uploader | None,
+    ):
         self.out, self.split, self.rank = out, split, rank
         self.features, self.journal, self.uploader = features, journal, uploader
         self.tmp_dir = out / STATE_DIR / "tmp"
@@ -82,12 +90,18 @@ class ShardWriter:
         end = rows[-1].index + 1
         mine = [s for s in skipped if s[0] < end]
         del skipped[: len(mine)]
-        self.journal.append({
-            "shard": shard, "file": f"data/{name}", "end": end,
-            "indices": [r.index for r in rows], "psnr": [r.psnr for r in rows],
-            "real_splats": sum(r.real_splats for r in rows), "bytes": final.stat().st_size,
-            "skipped": mine,
-        })
+        self.journal.append(
+            {
+                "shard": shard,
+                "file": f"data/{name}",
+                "end": end,
+                "indices": [r.index for r in rows],
+                "psnr": [r.psnr for r in rows],
+                "real_splats": sum(r.real_splats for r in rows),
+                "bytes": final.stat().st_size,
+                "skipped": mine,
+            }
+        )
         self.push(shard, f"data/{name}")
 
     def push(self, shard: int, file: str) -> None:
@@ -98,8 +112,6 @@ class ShardWriter:
 
 def upload_target(uploader) -> str:
     return getattr(uploader, "target", None) or repr(uploader)
-
-
 
 
 def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwargs):
@@ -134,9 +146,11 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
         try:
             ds = load_dataset("parquet", data_files=data_files, split=split, **load_kwargs)
         except DatasetGenerationError as exc:  # a shard whose pages do not decode
-            raise ValueError(f"{name}: a shard does not decode ({exc.__cause__ or exc}); find it "
-                             "with pyarrow.parquet.read_table on each data/ file, restore or "
-                             "delete it") from exc
+            raise ValueError(
+                f"{name}: a shard does not decode ({exc.__cause__ or exc}); find it "
+                "with pyarrow.parquet.read_table on each data/ file, restore or "
+                "delete it"
+            ) from exc
     else:
         ds = load_dataset(name, split=split, **load_kwargs)
     if isinstance(ds, (DatasetDict, IterableDatasetDict)):
@@ -148,8 +162,7 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
     if isinstance(ds, IterableDataset):
         return ds.with_format("torch")
     # dtype applies to every tensor column, so only splats become tensors; the rest stay Python.
-    return ds.with_format("torch", columns=["splats"], output_all_columns=True,
-                          dtype=torch.float16)
+    return ds.with_format("torch", columns=["splats"], output_all_columns=True, dtype=torch.float16)
 
 
 # A shard row's bytes once decoded, beyond its splats: label, caption, ids. More than this per
@@ -172,20 +185,25 @@ def check_shards(folder: Path, split: str | None = None) -> dict[str, list[Path]
             files.setdefault(name, []).append(file)
     if not files:
         wanted = f"split {split!r}" if split else "any split"
-        raise FileNotFoundError(f"{folder} holds no parquet shards of {wanted} in data/ "
-                                "(a timm-splat prefit output folder or a downloaded copy)")
+        raise FileNotFoundError(
+            f"{folder} holds no parquet shards of {wanted} in data/ "
+            "(a timm-splat prefit output folder or a downloaded copy)"
+        )
     for file in (f for group in files.values() for f in group):
         try:
             meta = pq.read_metadata(file)
         except (OSError, ValueError) as exc:  # zero bytes, cut short, not parquet
-            raise ValueError(f"{file} is not a readable parquet shard ({exc}): restore it or "
-                             "delete it") from exc
+            raise ValueError(
+                f"{file} is not a readable parquet shard ({exc}): restore it or delete it"
+            ) from exc
         num_splats = _splats_per_row(pq.read_schema(file), file)
         decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         limit = meta.num_rows * (num_splats * SPLAT_CHANNELS * 4 + MAX_ROW_EXTRA_BYTES)
         if decoded > limit:
-            raise ValueError(f"{file} decodes to {decoded} bytes for {meta.num_rows} rows of "
-                             f"{num_splats} splats: not a pre-fitted shard")
+            raise ValueError(
+                f"{file} decodes to {decoded} bytes for {meta.num_rows} rows of "
+                f"{num_splats} splats: not a pre-fitted shard"
+            )
     return files
 
 
@@ -201,20 +219,28 @@ def _splats_per_row(schema, file: Path) -> int:
         column = Features.from_arrow_schema(schema)["splats"]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{file}: unreadable features ({exc})") from exc
-    bad = ValueError(f"{file}: 'splats' is {column}, not float splats [N, {SPLAT_CHANNELS}] with "
-                     f"1 <= N <= {MAX_SPLATS_PER_ROW}")
+    bad = ValueError(
+        f"{file}: 'splats' is {column}, not float splats [N, {SPLAT_CHANNELS}] with "
+        f"1 <= N <= {MAX_SPLATS_PER_ROW}"
+    )
     if isinstance(column, Array2D):
         rows, channels = column.shape
-        if channels != SPLAT_CHANNELS or not 1 <= rows <= MAX_SPLATS_PER_ROW \
-                or column.dtype not in ("float16", "float32"):
+        if (
+            channels != SPLAT_CHANNELS
+            or not 1 <= rows <= MAX_SPLATS_PER_ROW
+            or column.dtype not in ("float16", "float32")
+        ):
             raise bad
         return rows
     kind = schema.field("splats").type
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
         raise bad
     row = kind.value_type
-    if not (pa.types.is_fixed_size_list(row) and row.list_size == SPLAT_CHANNELS
-            and (pa.types.is_float16(row.value_type) or pa.types.is_float32(row.value_type))):
+    if not (
+        pa.types.is_fixed_size_list(row)
+        and row.list_size == SPLAT_CHANNELS
+        and (pa.types.is_float16(row.value_type) or pa.types.is_float32(row.value_type))
+    ):
         raise bad
     return MAX_SPLATS_PER_ROW
 
@@ -228,9 +254,10 @@ def _offline_snapshot(repo_id: str, revision: str | None) -> Path | None:
     if not constants.HF_HUB_OFFLINE:
         return None
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
-                                      local_files_only=True))
+        return Path(
+            snapshot_download(
+                repo_id, repo_type="dataset", revision=revision, local_files_only=True
+            )
+        )
     except LocalEntryNotFoundError:
         return None  # load_dataset may still have its own cached copy
-
-

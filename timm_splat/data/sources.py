@@ -35,8 +35,19 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+)
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes
 CAPTION_COLUMNS = ("caption", "text", "txt")
 # Columns of raw encoded images in parquet files without datasets metadata (img2dataset: "jpg").
@@ -91,8 +102,9 @@ class Source:
     def _entries(self) -> Iterator[Entry]:
         raise NotImplementedError
 
-    def items(self, rank: int = 0, world_size: int = 1, start: int = 0,
-              stop: int | None = None) -> Iterator[Item]:
+    def items(
+        self, rank: int = 0, world_size: int = 1, start: int = 0, stop: int | None = None
+    ) -> Iterator[Item]:
         """This rank's items with ``start <= index < stop``, in order, nothing decoded yet."""
         for index, (source_id, load) in enumerate(self._entries()):
             if stop is not None and index >= stop:
@@ -114,6 +126,7 @@ def iter_images(source: Source | str, rank: int = 0, world_size: int = 1, **open
 
 
 # -- image folders ------------------------------------------------------------------------------
+
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
@@ -183,6 +196,7 @@ def _folder_loader(path: Path, label):
 
 # -- webdataset tars ----------------------------------------------------------------------------
 
+
 class TarSource(Source):
     kind = "webdataset"
 
@@ -243,11 +257,19 @@ def _tar_sample(key: str, group: dict[str, bytes]):
 
 # -- datasets (Hub ids, local dataset folders, parquet files) ------------------------------------
 
+
 class DatasetsSource(Source):
     kind = "datasets"
 
-    def __init__(self, path: str, split: str, *, config: str | None = None,
-                 data_files: list[str] | None = None, name: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        split: str,
+        *,
+        config: str | None = None,
+        data_files: list[str] | None = None,
+        name: str | None = None,
+    ):
         from datasets import ClassLabel, load_dataset
         from datasets import Image as ImageFeature
 
@@ -255,8 +277,7 @@ class DatasetsSource(Source):
         # parquet files without a split of their own come out as "train".
         load_split = "train" if data_files else split
         try:
-            ds = load_dataset(path, config, split=load_split, data_files=data_files,
-                              streaming=True)
+            ds = load_dataset(path, config, split=load_split, data_files=data_files, streaming=True)
         except Exception as exc:  # not found, gated, offline, bad split: all end the run here
             raise SourceError(_load_error(self.name, split, exc)) from exc
         features = ds.features
@@ -265,8 +286,14 @@ class DatasetsSource(Source):
         features = features or {}
         self.image_column = next(
             (c for c, f in features.items() if isinstance(f, ImageFeature)), None
-        ) or next((c for c in BINARY_IMAGE_COLUMNS
-                   if c in features and getattr(features[c], "dtype", None) == "binary"), None)
+        ) or next(
+            (
+                c
+                for c in BINARY_IMAGE_COLUMNS
+                if c in features and getattr(features[c], "dtype", None) == "binary"
+            ),
+            None,
+        )
         if self.image_column is None:
             raise SourceError(
                 f"{self.name} has no image column: expected a datasets Image feature or a binary "
@@ -315,6 +342,7 @@ def _load_error(name: str, split: str, exc: Exception) -> str:
 
 # -- picking a source ---------------------------------------------------------------------------
 
+
 def _from_files(files: list[Path], name: str, split: str) -> Source:
     suffixes = {f.suffix.lower() for f in files}
     if suffixes == {".tar"}:
@@ -327,8 +355,11 @@ def _from_files(files: list[Path], name: str, split: str) -> Source:
 
 
 def _has_data_files(folder: Path) -> bool:
-    return any(name.lower().endswith(DATA_FILE_EXTENSIONS)
-               for _, _, files in os.walk(folder) for name in files)
+    return any(
+        name.lower().endswith(DATA_FILE_EXTENSIONS)
+        for _, _, files in os.walk(folder)
+        for name in files
+    )
 
 
 def _looks_local(dataset: str) -> bool:

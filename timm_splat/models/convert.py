@@ -10,8 +10,8 @@ from timm.layers import QuickGELU, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
 from torch import nn
 
-from .clip import register_open_clip_configs, splat_trunk
 from ..splats import DEFAULT_NUM_SPLATS
+from .clip import register_open_clip_configs, splat_trunk
 from .splat_vit import SplatVisionTransformer, _cfg
 
 # open_clip vision towers we can mirror: (width, layers, patch) -> splat config name.
@@ -23,8 +23,7 @@ _CLIP_CONFIGS = {
 }
 
 
-def from_rgb(rgb: nn.Module, num_latents: int | None = None,
-             num_splats: int = DEFAULT_NUM_SPLATS):
+def from_rgb(rgb: nn.Module, num_latents: int | None = None, num_splats: int = DEFAULT_NUM_SPLATS):
     """A splat model with the transformer of a pretrained RGB model.
 
     ``rgb``: a timm ``VisionTransformer`` -> a :class:`SplatVisionTransformer` with the same
@@ -75,7 +74,8 @@ def _vit_like(vit: VisionTransformer, num_latents: int, num_splats: int) -> Spla
     source = getattr(vit, "pretrained_cfg", {}) or {}
     student.pretrained_cfg = student.default_cfg = _cfg(
         architecture=f"splat_vit from {source.get('architecture', type(vit).__name__)}",
-        num_classes=vit.num_classes, num_splats=num_splats,
+        num_classes=vit.num_classes,
+        num_splats=num_splats,
     )
     return student
 
@@ -86,8 +86,11 @@ def _load_vit(student: SplatVisionTransformer, state: dict, source_grid) -> None
     if "pos_embed" in state:
         prefix = 0 if student.no_embed_class else student.num_prefix_tokens
         state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=student.patch_embed.grid_size,
-            old_size=source_grid, num_prefix_tokens=prefix, verbose=False,
+            state["pos_embed"],
+            new_size=student.patch_embed.grid_size,
+            old_size=source_grid,
+            num_prefix_tokens=prefix,
+            verbose=False,
         )
     missing, unexpected = student.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("patch_embed.")]
@@ -107,8 +110,12 @@ def _clip_from_rgb(clip: nn.Module, num_latents: int, num_splats: int):
             "from_rgb of a CLIP with a timm vision tower: build the splat CLIP from a "
             "splat-ViT-* config and use from_rgb(clip.visual.trunk) for the trunk"
         )
-    if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None \
-            or getattr(visual, "pool_type", "tok") != "tok" or visual.proj is None:
+    if (
+        not hasattr(visual, "transformer")
+        or getattr(visual, "attn_pool", None) is not None
+        or getattr(visual, "pool_type", "tok") != "tok"
+        or visual.proj is None
+    ):
         raise NotImplementedError(
             "from_rgb supports open_clip ViT towers with class-token pooling and a projection "
             f"(got {type(visual).__name__})"
@@ -190,6 +197,8 @@ def freeze(model: nn.Module, stage: str, verbose: bool = True) -> float:
     fraction = trainable / total
     if verbose:
         names = ", ".join(k for k, v in parts.items() if any(True for _ in v.parameters()))
-        print(f"freeze(stage={stage!r}): training {fraction:.1%} of parameters "
-              f"({trainable / 1e6:.2f}M of {total / 1e6:.2f}M): {names}")
+        print(
+            f"freeze(stage={stage!r}): training {fraction:.1%} of parameters "
+            f"({trainable / 1e6:.2f}M of {total / 1e6:.2f}M): {names}"
+        )
     return fraction

@@ -36,7 +36,7 @@ def _strip_prefixes(state: dict) -> dict:
     # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every key.
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -48,17 +48,21 @@ def _resolve_local(path: Path) -> tuple[Path, dict]:
                 path = weights
                 break
         else:
-            raise ValueError(f"{path}: no final/model.safetensors or model.safetensors "
-                             "(a training run directory, or a saved Hub folder)")
+            raise ValueError(
+                f"{path}: no final/model.safetensors or model.safetensors "
+                "(a training run directory, or a saved Hub folder)"
+            )
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: weights must be a .safetensors file (pickle checkpoints are "
-                         "not loaded)")
+        raise ValueError(
+            f"{path}: weights must be a .safetensors file (pickle checkpoints are not loaded)"
+        )
     run_file = path.parent / "run.json"
     return path, json.loads(run_file.read_text()) if run_file.is_file() else {}
 
 
-def load_clip(pretrained=None, model_name: str | None = None, *, num_splats: int | None = None,
-              device="cpu"):
+def load_clip(
+    pretrained=None, model_name: str | None = None, *, num_splats: int | None = None, device="cpu"
+):
     """A splat CLIP and what is known about it: ``(model, info)`` in eval mode.
 
     ``pretrained``: ``hf-hub:org/repo``, a local Hub folder (``open_clip_config.json``), a
@@ -98,8 +102,10 @@ def load_clip(pretrained=None, model_name: str | None = None, *, num_splats: int
         if model_name and name != model_name:
             raise ValueError(f"{pretrained} was trained as {name}, not {model_name}")
         if not name:
-            raise ValueError("say which model: a model name (splat-ViT-...) or a run directory "
-                             "whose run.json names it")
+            raise ValueError(
+                "say which model: a model name (splat-ViT-...) or a run directory "
+                "whose run.json names it"
+            )
         model = open_clip.create_model(name)
         trunk = splat_trunk(model)
         if trunk is None:
@@ -113,8 +119,15 @@ def load_clip(pretrained=None, model_name: str | None = None, *, num_splats: int
     trunk = splat_trunk(model)
     if trunk is None:
         raise ValueError(f"{pretrained} is not a splat model")
-    budget = int(num_splats or run.get("num_splats") or stored.get("num_splats") or trunk.num_splats)
+    budget = int(
+        num_splats or run.get("num_splats") or stored.get("num_splats") or trunk.num_splats
+    )
     trunk.num_splats = budget
-    info = {"model": name, "num_splats": budget, "tokenizer": tokenizer, "run": run,
-            "pretrained": pretrained}
+    info = {
+        "model": name,
+        "num_splats": budget,
+        "tokenizer": tokenizer,
+        "run": run,
+        "pretrained": pretrained,
+    }
     return model.eval(), info

@@ -16,22 +16,21 @@ from functools import partial
 
 import torch
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from timm.models import checkpoint
-from timm.models._features import feature_take_indices  # what timm's own ViT uses
-from timm.models._input import update_model_args
 from timm.models import (
     build_model_with_cfg,
+    checkpoint,
     generate_default_cfgs,
     register_model,
     resolve_pretrained_cfg,
 )
+from timm.models._features import feature_take_indices  # what timm's own ViT uses
+from timm.models._input import update_model_args
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..fitting import fit_splats, resolve_config
 from ..splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS
 from .stem import GSStem
-
 
 
 class SplatVisionTransformer(VisionTransformer):
@@ -46,14 +45,26 @@ class SplatVisionTransformer(VisionTransformer):
         **kwargs: ``VisionTransformer`` arguments (depth, embed_dim, num_heads, pre_norm, ...).
     """
 
-    def __init__(self, num_latents: int = 196, num_splats: int = DEFAULT_NUM_SPLATS,
-                 stem_args: dict | None = None, fit_options: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        num_latents: int = 196,
+        num_splats: int = DEFAULT_NUM_SPLATS,
+        stem_args: dict | None = None,
+        fit_options: dict | None = None,
+        **kwargs,
+    ):
         for name in ("embed_layer", "dynamic_img_size", "dynamic_img_pad"):
             if kwargs.pop(name, None):
-                raise ValueError(f"{name} is not supported by splat ViTs: the GS stem has no image grid")
+                raise ValueError(
+                    f"{name} is not supported by splat ViTs: the GS stem has no image grid"
+                )
         kwargs.setdefault("in_chans", 3)
-        stem = partial(GSStem, num_latents=num_latents, num_heads=kwargs.get("num_heads", 12),
-                       **(stem_args or {}))
+        stem = partial(
+            GSStem,
+            num_latents=num_latents,
+            num_heads=kwargs.get("num_heads", 12),
+            **(stem_args or {}),
+        )
         super().__init__(embed_layer=stem, **kwargs)
         self.num_splats = num_splats
         self.fit_options = dict(fit_options or {})
@@ -74,8 +85,12 @@ class SplatVisionTransformer(VisionTransformer):
 
     @num_splats.setter
     def num_splats(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
-                or value < 1:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or int(value) != value
+            or value < 1
+        ):
             raise ValueError(f"num_splats must be a positive int, got {value!r}")
         self._num_splats = int(value)
         update_model_args(self, num_splats=self._num_splats)
@@ -99,8 +114,9 @@ class SplatVisionTransformer(VisionTransformer):
                 "with the model's data config (timm.data.resolve_model_data_config(model)), or "
                 "call model.set_pixel_normalization(mean, std) with what you used"
             )
-        fitted = fit_splats(images.clamp(0, 1), num_splats=self.num_splats, progress=False,
-                            **self.fit_options)
+        fitted = fit_splats(
+            images.clamp(0, 1), num_splats=self.num_splats, progress=False, **self.fit_options
+        )
         return fitted.splats
 
     def as_splats(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +168,10 @@ class SplatVisionTransformer(VisionTransformer):
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
             height, width = self.patch_embed.grid_size
-            intermediates = [y.reshape(y.shape[0], height, width, -1).permute(0, 3, 1, 2)
-                             .contiguous() for y in intermediates]
+            intermediates = [
+                y.reshape(y.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+                for y in intermediates
+            ]
         if output_dict:
             result = {"image_intermediates": intermediates}
             if return_prefix_tokens and self.num_prefix_tokens:
@@ -185,15 +203,26 @@ def _cfg(**kwargs):
 
 
 # Only untrained cfgs: a tag with a weight source is added here when those weights exist.
-default_cfgs = generate_default_cfgs({
-    f"{name}.untrained": _cfg()
-    for name in ("splat_vit_test", "splat_vit_s16", "splat_vit_b16", "splat_vit_b32", "splat_vit_l14")
-})
+default_cfgs = generate_default_cfgs(
+    {
+        f"{name}.untrained": _cfg()
+        for name in (
+            "splat_vit_test",
+            "splat_vit_s16",
+            "splat_vit_b16",
+            "splat_vit_b32",
+            "splat_vit_l14",
+        )
+    }
+)
 
 
 def _has_weights(variant: str, kwargs: dict) -> bool:
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
-                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
     return any(getattr(cfg, key, None) for key in ("url", "file", "hf_hub_id", "state_dict"))
 
 
@@ -205,7 +234,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> SplatVisionTran
             "pretrained=True) or pretrained_cfg_overlay=dict(file='model.safetensors')"
         )
     model = build_model_with_cfg(
-        SplatVisionTransformer, variant, pretrained,
+        SplatVisionTransformer,
+        variant,
+        pretrained,
         feature_cfg=dict(out_indices=min(3, kwargs.get("depth", 12)), feature_cls="getter"),
         **kwargs,
     )

@@ -36,7 +36,8 @@ _BASE_STD = (0.29, 0.29, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3)
 
 
 def latent_grid(num_latents: int) -> tuple[int, int]:
-    """Rows x cols of the latent cells: the squarest factorisation (14 x 14 for 196, 7 x 14 for 98)."""
+    """Rows x cols of the latent cells: the squarest factorisation (14 x 14 for 196, 7 x 14
+    for 98)."""
     rows = int(math.isqrt(num_latents))
     while num_latents % rows:
         rows -= 1
@@ -87,8 +88,15 @@ class PerceiverResampler(nn.Module):
     """One cross-attention block from ``num_latents`` learned latents to masked splat tokens,
     then an MLP on the latents (pre-norm, residual)."""
 
-    def __init__(self, dim: int, num_latents: int, num_heads: int, mlp_ratio: float = 2.0,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_latents: int,
+        num_heads: int,
+        mlp_ratio: float = 2.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
@@ -106,7 +114,9 @@ class PerceiverResampler(nn.Module):
         self.locality = nn.Parameter(torch.full((num_heads,), -0.5, **dd))
         self.norm_mlp = nn.LayerNorm(dim, **dd)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden, **dd), nn.GELU(), nn.Linear(hidden, dim, **dd))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden, **dd), nn.GELU(), nn.Linear(hidden, dim, **dd)
+        )
         rows, cols = self.grid
         ys = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) / rows
         xs = (torch.arange(cols, dtype=torch.float32, device=device) + 0.5) / cols
@@ -173,7 +183,9 @@ class GSStem(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        self.patch_size = (
+            (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        )
         self.num_patches = num_latents  # what VisionTransformer sizes its position embedding by
         self.grid_size = latent_grid(num_latents)
         self.features = SplatFeatures(position_frequencies, shape_frequencies, device=device)
@@ -189,8 +201,9 @@ class GSStem(nn.Module):
         if img_size is not None:
             self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if patch_size is not None:
-            self.patch_size = (patch_size, patch_size) if isinstance(patch_size, int) \
-                else tuple(patch_size)
+            self.patch_size = (
+                (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+            )
 
     def feat_ratio(self, as_scalar: bool = True):
         """Pixels per latent cell (timm's feature ``reduction``)."""
