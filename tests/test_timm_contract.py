@@ -101,3 +101,26 @@ def test_meta_device_and_input_size():
     grid = model.patch_embed.grid_size
     model.set_input_size((256, 256))  # the pixels splats are fitted from; the latents stay
     assert model.patch_embed.img_size == (256, 256) and model.patch_embed.grid_size == grid
+
+
+def test_fx_feature_extraction_and_export():
+    """timm's FX feature extractor and torch.export trace splat inputs."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    model = timm.create_model("splat_vit_test").eval()
+    x = splats(2)
+    assert any(name.startswith("blocks.1.") for name in get_graph_node_names(model)[1])
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "b1", "head": "out"})
+    with torch.no_grad():
+        out = extractor(x)
+        torch.testing.assert_close(out["out"], model(x))
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph():
+    model = timm.create_model("splat_vit_test").eval()
+    x = splats(2)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))

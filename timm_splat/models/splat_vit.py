@@ -27,6 +27,7 @@ from timm.models._features import feature_take_indices  # what timm's own ViT us
 from timm.models._input import update_model_args
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..fitting import fit_splats, resolve_config
 from ..splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS
@@ -120,6 +121,8 @@ class SplatVisionTransformer(VisionTransformer):
         return fitted.splats
 
     def as_splats(self, x: torch.Tensor) -> torch.Tensor:
+        if is_fx_symbolic_tracing():  # timm's FX feature extraction traces splat inputs only
+            return x
         if x.dim() == 4 and x.shape[1] == 3:
             return self.fit_pixels(x)
         if x.dim() != 3 or x.shape[-1] != SPLAT_CHANNELS:

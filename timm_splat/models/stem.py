@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..splats import COLOR, L11, L21, L22, SPLAT_CHANNELS, XY, splat_mask
 
@@ -215,7 +216,8 @@ class GSStem(nn.Module):
         return self.grid_size
 
     def forward(self, splats: torch.Tensor) -> torch.Tensor:
-        if splats.dim() != 3 or splats.shape[-1] != SPLAT_CHANNELS:
+        tracing = is_fx_symbolic_tracing()  # shapes are symbolic then: no check
+        if not tracing and (splats.dim() != 3 or splats.shape[-1] != SPLAT_CHANNELS):
             raise ValueError(
                 f"the GS stem takes splats [B, N, {SPLAT_CHANNELS}], got {tuple(splats.shape)}"
             )
