@@ -274,3 +274,35 @@ def test_benchmark_without_clip_benchmark(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "clip_benchmark", None)
     assert benchmark.main(["eval", "--dataset", "cifar10"]) == 2
     assert "pip install clip_benchmark" in capsys.readouterr().err
+
+
+def test_a_dataset_with_class_names_is_scored_against_them(run_dir, prefit, tmp_path, capsys):
+    """Without --classnames, a pre-fitted dataset's own ClassLabel names are used, not
+    ImageNet's."""
+    labelled = tmp_path / "labelled"
+    (labelled / "data").mkdir(parents=True)
+    table = datasets.load_dataset(
+        "parquet",
+        data_files=str(prefit / "data" / "*.parquet"),
+        split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    table = table.cast_column("label", datasets.ClassLabel(names=CLASSNAMES))
+    table.to_parquet(str(labelled / "data" / "validation-00000-00000.parquet"))
+    out = tmp_path / "results.json"
+    args = [
+        "--pretrained",
+        str(run_dir),
+        "--data",
+        str(labelled),
+        "--templates",
+        "simple",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["num_classes"] == len(CLASSNAMES)

@@ -249,6 +249,29 @@ def test_clip_stage_on_prefitted_splats(tmp_path, captioned_folder):
         *TINY,
     )
     assert len(losses(run, "clip")) == 4
+    assert json.loads((run / "final" / "run.json").read_text())["num_splats"] == 16
+    # A budget that is not the data's is refused, not recorded.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "timm_splat",
+            "train",
+            "--stage",
+            "clip",
+            "--train-data",
+            str(tmp_path / "prefit"),
+            "--output",
+            str(tmp_path / "other"),
+            *TINY,
+            "--num-splats",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2 and "pre-fitted with 16 splats" in result.stderr
 
 
 def test_distill_from_webdataset_tars(tmp_path, captioned_folder, teacher_dir):

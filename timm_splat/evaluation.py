@@ -117,21 +117,25 @@ def evaluate_zero_shot(
 # ------------------------------------------------------------------ class names, prompts
 
 
-def load_classnames(spec: str | None, folder_classes: list[str] | None = None) -> list[str]:
-    """``imagenet`` (open_clip's IMAGENET_CLASSNAMES), ``folder`` (an image folder's class
-    folders, ``_`` read as a space), a .txt (one per line) or .json (a list) file, or a
-    comma-separated list. None: ``folder`` for an image folder without 1000 classes, else
-    ``imagenet`` (an ImageNet folder's sorted synsets are open_clip's class order)."""
+def load_classnames(spec: str | None, data_classes: list[str] | None = None) -> list[str]:
+    """``imagenet`` (open_clip's IMAGENET_CLASSNAMES), ``folder`` (the data's own class names:
+    an image folder's class folders or a pre-fitted dataset's labels, ``_`` read as a space), a
+    .txt (one per line) or .json (a list) file, or a comma-separated list. None: the data's
+    own names when it has some and not 1000 of them, else ``imagenet`` (ImageNet's sorted
+    synsets are open_clip's class order)."""
     from open_clip import IMAGENET_CLASSNAMES
 
     if spec is None:
-        spec = "folder" if folder_classes and len(folder_classes) != 1000 else "imagenet"
+        spec = "folder" if data_classes and len(data_classes) != 1000 else "imagenet"
     if spec == "imagenet":
         return list(IMAGENET_CLASSNAMES)
     if spec == "folder":
-        if not folder_classes:
-            raise ValueError("--classnames folder needs an image folder as --data")
-        return [name.replace("_", " ") for name in folder_classes]
+        if not data_classes:
+            raise ValueError(
+                "--classnames folder needs data with class names: an image folder "
+                "or a pre-fitted dataset with labelled classes"
+            )
+        return [name.replace("_", " ") for name in data_classes]
     return _read_list(spec, "class names")
 
 
@@ -253,7 +257,7 @@ def evaluate(config: EvalConfig) -> dict:
         if config.iterations:
             overrides["iterations"] = config.iterations
         transform = SplatTransform.from_config(trunk, **overrides)
-    loader, folder_classes = labelled_loader(
+    loader, data_classes = labelled_loader(
         config.data,
         split=config.split,
         batch_size=config.batch_size,
@@ -262,7 +266,7 @@ def evaluate(config: EvalConfig) -> dict:
         workers=config.workers,
         limit=config.limit,
     )
-    classnames = load_classnames(config.classnames, folder_classes)
+    classnames = load_classnames(config.classnames, data_classes)
     templates = load_templates(config.templates)
     tokenizer = open_clip.get_tokenizer(info["tokenizer"])
     start = time.perf_counter()
@@ -275,7 +279,7 @@ def evaluate(config: EvalConfig) -> dict:
         "pretrained": config.pretrained,
         "num_splats": trunk.num_splats,
         "data": str(config.data),
-        "split": None if folder_classes else config.split,
+        "split": None if transform is not None else config.split,
         **metrics,
         "num_classes": len(classnames),
         "num_templates": len(templates),

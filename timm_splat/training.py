@@ -79,7 +79,13 @@ class TrainConfig:
             "stage 2)"
         ),
     )
-    num_splats: int = field(default=DEFAULT_NUM_SPLATS, metadata=_arg("splat budget per image"))
+    num_splats: int | None = field(
+        default=None,
+        metadata=_arg(
+            "splat budget per image (default: a pre-fitted dataset's own, else "
+            f"{DEFAULT_NUM_SPLATS})"
+        ),
+    )
     image_size: int = field(default=224, metadata=_arg("crop size images are fitted at"))
     fit_iterations: int | None = field(
         default=None, metadata=_arg("iterations of on-the-fly fitting (default: the fitter's)")
@@ -160,6 +166,21 @@ def build_student(config: TrainConfig, run_dir: Path, teacher):
     return student
 
 
+def _budget(config: TrainConfig, dataset) -> int:
+    """The splat budget of the run: a pre-fitted dataset's own (an explicit --num-splats must
+    match it), else --num-splats or the default."""
+    data_budget = getattr(dataset, "num_splats", None)
+    if data_budget is None:
+        return config.num_splats or DEFAULT_NUM_SPLATS
+    if config.num_splats not in (None, data_budget):
+        raise ValueError(
+            f"{config.train_data} was pre-fitted with {data_budget} splats per image, not "
+            f"--num-splats {config.num_splats}: leave --num-splats out (the data's budget is used) "
+            "or pre-fit the data again"
+        )
+    return data_budget
+
+
 def train(config: TrainConfig) -> dict:
     """Run one stage (resuming its latest checkpoint); returns what ``final/run.json`` records."""
     import open_clip
@@ -181,6 +202,8 @@ def train(config: TrainConfig) -> dict:
         ),
     )
     set_seed(config.seed)
+    dataset = open_train_data(config.train_data, config.split)
+    config = dataclasses.replace(config, num_splats=_budget(config, dataset))
 
     teacher = None
     if config.teacher:
@@ -205,7 +228,6 @@ def train(config: TrainConfig) -> dict:
             cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"]
         )
     tokenizer = open_clip.get_tokenizer(config.model) if config.stage == "clip" else None
-    dataset = open_train_data(config.train_data, config.split)
     streamed = isinstance(dataset, IterableDataset)
     loader = DataLoader(
         dataset,

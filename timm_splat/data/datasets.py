@@ -55,6 +55,17 @@ class PrefitSplats(Dataset):
         if "caption" not in self.data.column_names:
             raise ValueError(f"{path} has no caption column: contrastive training needs captions")
 
+    @property
+    def num_splats(self) -> int:
+        """The most splat rows an image of the dataset has: the budget it was fitted with."""
+        import pyarrow.compute as pc
+
+        column = self.data.data.column("splats")
+        shape = getattr(self.data.features["splats"], "shape", None)
+        if shape is not None:  # Array2D: every row holds the budget (zero rows pad)
+            return int(shape[0])
+        return int(pc.max(pc.list_value_length(column)).as_py() or 0)
+
     def __len__(self):
         return len(self.data)
 
@@ -122,8 +133,9 @@ def labelled_loader(
     workers: int = 0,
     limit: int | None = None,
 ):
-    """``(loader of (splats [B, N, 8], labels [B]), folder_classes)`` for a pre-fitted dataset or
-    an image folder; ``folder_classes`` is None unless ``data`` is an image folder.
+    """``(loader of (splats [B, N, 8], labels [B]), class_names)`` for a pre-fitted dataset or
+    an image folder; ``class_names``: the folder's class folders, or a pre-fitted dataset's
+    ``ClassLabel`` names, else None.
     ``transform``: the :class:`SplatTransform` that fits an image folder (each batch in one
     call); ``num_splats`` pads pre-fitted rows; ``limit``: first N samples."""
     from torch.utils.data import Subset
@@ -146,8 +158,10 @@ def labelled_loader(
     missing = {"splats", "label"} - set(rows.column_names or ["splats", "label"])
     if missing:
         raise ValueError(f"{data} has no {sorted(missing)} column(s): not a labelled splat dataset")
+    classes = getattr((rows.features or {}).get("label"), "names", None)
     rows = rows.select_columns(["splats", "label"]).with_format("torch")
     if limit:
         rows = rows.take(limit)
     collate = partial(collate_prefit, target="label", num_splats=num_splats)
-    return DataLoader(rows, batch_size=batch_size, num_workers=workers, collate_fn=collate), None
+    loader = DataLoader(rows, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    return loader, classes
