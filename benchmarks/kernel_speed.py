@@ -132,7 +132,8 @@ def callgrind_counts(args, data_file, workload):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "callgrind.out")
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                   "--toggle-collect=*render_forward_cpu*", "--toggle-collect=*render_backward_cpu*",
+                   "--toggle-collect=*render_forward_cpu*",
+                   "--toggle-collect=*render_backward_cpu*",
                    sys.executable, __file__, "--single", which, "--data", data_file,
                    "--workload", workload, "--baseline", args.baseline]
             subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)

@@ -56,26 +56,6 @@ SPLAT_HD bool splat_pixel_bbox(const T* s, int height, int width, int& x0, int& 
   return x0 <= x1 && y0 <= y1;
 }
 
-// Columns [x0, x1] of the pixel row centred at py that can lie inside the cut-off ellipse,
-// clipped to [bx0, bx1] (the bounding box). On a row the ellipse is an interval of x: solving
-// |L^-1 (p - mu)|^2 = k^2 for x gives centre x + l11 l21 dy / A and half width
-// l11 l22 sqrt(k^2 A - dy^2) / A with A = l21^2 + l22^2. One pixel of slack on each side keeps
-// rounding from dropping a pixel the weight test would keep. Returns false for an empty span.
-template <typename T>
-SPLAT_HD bool splat_row_span(const T* s, T py, int width, int bx0, int bx1, int& x0, int& x1) {
-  const T k = T(kCutoffSigma);
-  const T a = s[3] * s[3] + s[4] * s[4];
-  const T dy = py - s[1];
-  const T q = k * k * a - dy * dy;
-  const T centre = s[0] + s[2] * s[3] * dy / a;
-  const T half = q > T(0) ? s[2] * s[4] * std::sqrt(q) / a : T(0);
-  const T lo = std::ceil((centre - half) * width - T(0.5)) - T(1);
-  const T hi = std::floor((centre + half) * width - T(0.5)) + T(1);
-  x0 = lo > T(bx0) ? int(lo) : bx0;
-  x1 = hi < T(bx1) ? int(hi) : bx1;
-  return x0 <= x1;
-}
-
 SPLAT_HD float splat_exp(float v) {
 #if defined(__CUDA_ARCH__)
   return __expf(v);
@@ -100,6 +80,48 @@ struct SplatShape {
 template <typename T>
 SPLAT_HD SplatShape<T> splat_shape(const T* s) {
   return {s[0], s[1], T(1) / s[2], s[3], T(1) / s[4], s[5], s[6], s[7]};
+}
+
+// A splat prepared for walking its rows (the CPU kernels): its shape, its pixel bounding box
+// and the constants of its row spans. On the row at vertical offset dy from the mean the cut-off
+// ellipse is an interval of x: solving |L^-1 (p - mu)|^2 = k^2 for x gives centre x + cx dy and
+// half width hx sqrt(k2a - dy^2), with A = l21^2 + l22^2, cx = l11 l21 / A, hx = l11 l22 / A,
+// k2a = k^2 A. The divisions are done once per splat.
+template <typename T>
+struct SplatRows {
+  SplatShape<T> s;
+  T cx, hx, k2a;
+  int x0, x1, y0, y1;
+};
+
+// False when the splat is padding, degenerate or entirely off the image.
+template <typename T>
+SPLAT_HD bool splat_rows(const T* raw, int height, int width, SplatRows<T>& w) {
+  if (!splat_pixel_bbox(raw, height, width, w.x0, w.x1, w.y0, w.y1)) return false;
+  w.s = splat_shape(raw);
+  const T a = raw[3] * raw[3] + raw[4] * raw[4];
+  const T inv_a = T(1) / a;
+  w.cx = raw[2] * raw[3] * inv_a;
+  w.hx = raw[2] * raw[4] * inv_a;
+  w.k2a = T(kCutoffSigma) * T(kCutoffSigma) * a;
+  return true;
+}
+
+// Columns [x0, x1] of the row at offset dy = py - y that can lie inside the cut-off ellipse,
+// clipped to the bounding box. One pixel of slack on each side keeps rounding from dropping a
+// pixel the weight test would keep. Returns false for an empty span.
+template <typename T>
+SPLAT_HD bool splat_row_span(const SplatRows<T>& w, T dy, int width, int& x0, int& x1) {
+  const T q = w.k2a - dy * dy;
+  const T centre = w.s.x + w.cx * dy;
+  const T half = q > T(0) ? w.hx * std::sqrt(q) : T(0);
+  const T lo = std::ceil((centre - half) * T(width) - T(0.5)) - T(1);
+  const T hi = std::floor((centre + half) * T(width) - T(0.5)) + T(1);
+  // Clamp before converting: a long sheared splat can put a row's span ~1e10 pixels away while
+  // its bounding box crosses the image, and int() of that is undefined. NaN keeps the box.
+  x0 = lo > T(w.x0) ? (lo <= T(w.x1) ? int(lo) : w.x1 + 1) : w.x0;
+  x1 = hi < T(w.x1) ? (hi >= T(w.x0) ? int(hi) : w.x0 - 1) : w.x1;
+  return x0 <= x1;
 }
 
 // Gaussian weight of the splat at (px, py), zero outside the cut-off ellipse; also returns the
