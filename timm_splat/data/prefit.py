@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..fitting import FitConfig, fit_splats
+from ..fitting import FitConfig, fit_splats, resolve_config
 from ..splats import DEFAULT_NUM_SPLATS, splat_count
 from ..transforms import SplatTransform
 from .card import write_card
@@ -261,7 +261,7 @@ def prefit(
     transform = SplatTransform(
         num_splats, image_size, crop_pct=crop_pct, interpolation=interpolation, **fit_options
     )
-    config = FitConfig(num_splats=num_splats, batch_size=batch_size, **fit_options)
+    config = resolve_config(None, dict(fit_options, num_splats=num_splats, batch_size=batch_size))
     ranks = Ranks()
     rank, world = ranks.rank, ranks.world_size
     source = dataset if isinstance(dataset, Source) else open_source(dataset, split, dataset_config)
@@ -313,7 +313,7 @@ def prefit(
                     f"{batch[-1][2]}): is --dataset right?"
                 )
             if good:
-                rows += _fit_batch(good, num_splats, device, fit_options)
+                rows += _fit_batch(good, config, device)
                 bar.set_postfix(
                     psnr=f"{np.mean([r.psnr for r in rows[-len(good) :]]):.2f}", refresh=False
                 )
@@ -329,15 +329,10 @@ def prefit(
     return _finish(ranks, journal, out, split, uploader, repo_id)
 
 
-def _fit_batch(good: list, num_splats: int, device, fit_options: dict) -> list[Row]:
+def _fit_batch(good: list, config: FitConfig, device) -> list[Row]:
     """One fit_splats call for the batch (its own batch size, so one kernel batch)."""
-    fitted = fit_splats(
-        torch.stack([pixels for _, pixels in good]),
-        num_splats=num_splats,
-        progress=False,
-        device=device,
-        **dict(fit_options, batch_size=len(good)),
-    )
+    pixels = torch.stack([pixels for _, pixels in good])
+    fitted = fit_splats(pixels, config, progress=False, device=device, batch_size=len(good))
     half = fitted.splats.to("cpu", torch.float16)
     real = splat_count(half).tolist()  # counted as stored: fp16 is what readers get
     return [
