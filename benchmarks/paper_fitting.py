@@ -51,10 +51,11 @@ def init_study(images, iterations: int):
 
 def prune_after_fit(splats: torch.Tensor, share: float) -> torch.Tensor:
     """Zero the ``share`` of each image's real splats with the lowest luminance."""
-    score = torch.where(splat_mask(splats), luminance(splats), torch.full_like(splats[..., 0], -1))
-    drop = round(share * int(splat_mask(splats).sum(1).min()))
-    index = score.topk(drop, dim=1, largest=False).indices
-    return splats.scatter(1, index.unsqueeze(-1).expand(-1, -1, 8), 0.0)
+    real = splat_mask(splats)
+    score = torch.where(real, luminance(splats), torch.full_like(splats[..., 0], float("inf")))
+    rank = score.argsort(1).argsort(1)  # 0 = dimmest real splat
+    drop = rank < (share * real.sum(1, keepdim=True)).round()
+    return splats * (~drop).unsqueeze(-1)
 
 
 def prune_study(images, iterations: int, budget: int = 3136):
@@ -65,13 +66,14 @@ def prune_study(images, iterations: int, budget: int = 3136):
     print("| pruned (lowest luminance) | splats left | PSNR after pruning | fitted directly at "
           "that budget (paper pipeline) |")
     print("|---:|---:|---:|---:|")
-    print(f"| 0% | {budget} | {full:.2f} | |")
+    kept = float(splat_mask(splats).sum(1).float().mean())
+    print(f"| 0% | {kept:.0f} | {full:.2f} | |")
     for share in (0.1, PAPER_PRUNE[1], 0.5):
         pruned = prune_after_fit(splats, share)
         after = float(psnr(render_splats(pruned, *targets.shape[-2:]), targets).mean())
-        left = round(budget * (1 - share))
-        direct, _ = mean_psnr(images, paper, num_splats=left)
-        print(f"| {share:.1%} | {left} | {after:.2f} | {direct:.2f} |", flush=True)
+        left = float(splat_mask(pruned).sum(1).float().mean())
+        direct, _ = mean_psnr(images, paper, num_splats=round(left))
+        print(f"| {share:.1%} | {left:.0f} | {after:.2f} | {direct:.2f} |", flush=True)
     print(f"\nPaper: {PAPER_PRUNE[0]:.2f} dB pruned by {PAPER_PRUNE[1]:.1%} fell to "
           f"{PAPER_PRUNE[2]:.2f} dB.")
 
@@ -122,6 +124,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--photos", type=int, default=None)
     parser.add_argument("--out", default="out/paper_fitting/psnr_vs_iterations.png")
+    parser.add_argument("--parts", nargs="+", default=["init", "prune", "curves"],
+                        choices=["init", "prune", "curves"])
     args = parser.parse_args()
     iterations = args.iterations or (600 if args.quick else 3000)
     count = args.photos or (3 if args.quick else len(SAMPLE_PHOTOS))
@@ -129,9 +133,12 @@ def main():
     images = list(photos.values())
     print(f"# Paper fitting study: {', '.join(photos)} at 224x224, {iterations} iterations for "
           f"the paper pipeline, {torch.get_num_threads()} torch threads")
-    init_study(images, iterations)
-    prune_study(images, iterations)
-    curves(images, (400, 1600), iterations, Path(args.out))
+    if "init" in args.parts:
+        init_study(images, iterations)
+    if "prune" in args.parts:
+        prune_study(images, iterations)
+    if "curves" in args.parts:
+        curves(images, (400, 1600), iterations, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def test_default_beats_the_paper_preset_with_a_quarter_of_the_renders(monkeypatc
     paper_calls, calls["n"] = calls["n"], 0
     new = fit_splats(photo, num_splats=200)
     assert calls["n"] * 4 <= paper_calls  # every step, CG step and init renders once
-    assert new.psnr.item() > paper.psnr.item() + 0.4  # measured: 24.73 vs 23.89 dB
+    assert new.psnr.item() > paper.psnr.item() + 0.4  # measured: 24.67 vs 23.89 dB
 
 
 def test_colour_solve_matches_least_squares():
