@@ -41,6 +41,17 @@ def _hilbert_index(height: int, width: int, device) -> torch.Tensor:
     return index
 
 
+def _total(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Sum over ``dim`` as a running sum: unlike ``sum()``, whose split of a long reduction
+    depends on the batch size, the same bits for an image whatever batch it is fitted in."""
+    return x.cumsum(dim).select(dim, -1)
+
+
+def _channel_sum(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, 1, H, W]``, added channel by channel (batch-invariant, see _total)."""
+    return sum(x[:, c : c + 1] for c in range(x.shape[1]))
+
+
 def _gradients(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sobel derivatives ``(d/dx, d/dy)`` of each channel, ``[B, C, H, W]`` each."""
     kx = targets.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
@@ -55,25 +66,26 @@ def importance(targets: torch.Tensor, uniform: float, smooth: float) -> torch.Te
     """``[B, H, W]`` sampling density (sums to 1 per image): image-gradient magnitude, blurred
     over ``smooth`` pixels, mixed with ``uniform`` of a flat density so flat areas keep splats."""
     gx, gy = _gradients(targets)
-    magnitude = (gx.square() + gy.square()).sum(1, keepdim=True).sqrt()
+    magnitude = _channel_sum(gx.square() + gy.square()).sqrt()
     if smooth > 0:
         magnitude = _blur(magnitude, smooth)
     density = magnitude.flatten(1)
-    density = density / density.sum(1, keepdim=True).clamp_min(1e-12)
+    density = density / _total(density).unsqueeze(1).clamp_min(1e-12)
     density = (1 - uniform) * density + uniform / density.shape[1]
     return density.view(targets.shape[0], *targets.shape[-2:])
 
 
 def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` (replicated borders), as weighted sums of
+    shifted slices rather than a convolution, whose algorithm (and bits) depend on the batch."""
     radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = image.shape[1]
-    out = F.conv2d(F.pad(image, (radius, radius, 0, 0), mode="replicate"),
-                   k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"),
-                    k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    weights = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-radius, radius + 1)]
+    weights = [w / sum(weights) for w in weights]
+    height, width = image.shape[-2:]
+    padded = F.pad(image, (radius, radius, 0, 0), mode="replicate")
+    out = sum(w * padded[..., :, k : k + width] for k, w in enumerate(weights))
+    padded = F.pad(out, (0, 0, radius, radius), mode="replicate")
+    return sum(w * padded[..., k : k + height, :] for k, w in enumerate(weights))
 
 
 def sample_means(density: torch.Tensor, count: int, jitter: torch.Tensor) -> torch.Tensor:
@@ -136,7 +148,7 @@ def relocate(splats: torch.Tensor, residual: torch.Tensor, count: int, score: to
     batch, n, _ = splats.shape
     height, width = residual.shape[-2:]
     index = score.topk(count, dim=1, largest=False).indices
-    energy = _blur(residual.square().sum(1, keepdim=True), 1.0)[:, 0] + 1e-12  # never all zero
+    energy = _blur(_channel_sum(residual.square()), 1.0)[:, 0] + 1e-12  # never all zero
     jitter = torch.full((batch, count, 3), 0.5, device=splats.device)  # deterministic
     xy, _ = sample_means(energy, count, jitter)
     sigma_px = torch.full_like(xy[..., 0], sigma * math.sqrt(height * width / n))
@@ -171,14 +183,14 @@ def solve_colors(splats: torch.Tensor, targets: torch.Tensor, steps: int,
                               height, width, backend)[..., 5:]  # A^T (b - A x), [B, n, 3]
     z = residual * inv_diag
     p = z
-    rz = (residual * z).sum(1)  # [B, 3]: one system per image and channel
+    rz = _total(residual * z)  # [B, 3]: one system per image and channel
     for _ in range(steps):
         q = normal(p)
-        alpha = rz / (p * q).sum(1).clamp_min(1e-20)
+        alpha = rz / _total(p * q).clamp_min(1e-20)
         colors = colors + alpha.unsqueeze(1) * p
         residual = residual - alpha.unsqueeze(1) * q
         z = residual * inv_diag
-        rz_new = (residual * z).sum(1)
+        rz_new = _total(residual * z)
         p = z + (rz_new / rz.clamp_min(1e-20)).unsqueeze(1) * p
         rz = rz_new
     return torch.cat([geometry, colors], -1)
