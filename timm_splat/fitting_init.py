@@ -1,7 +1,9 @@
-"""Parts of the fitter's default algorithm: content-adaptive placement and the colour solve.
+"""Parts of the fitter's default algorithm: content-adaptive placement, the least-squares colour
+solve and the relocation of splats to the largest errors (docs/fitting.md).
 
-Both use only ``ops.render`` / ``ops.render_vjp`` and plain torch, so they run unchanged on the
-CPU and on CUDA, and neither synchronises with the host.
+They use only ``ops.render`` / ``ops.render_vjp`` and plain torch, so they run unchanged on the
+CPU and on CUDA, none synchronises with the host, and an image's result does not depend on the
+batch it is fitted in.
 """
 
 from __future__ import annotations
