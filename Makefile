@@ -1,10 +1,10 @@
-# Quick start: `make demo` (the main job on embedded defaults), `make test` (the whole suite).
+# Quick start: `make demo` (the main job on embedded defaults), `make test` (lint + the suite).
 # Both install the project into .venv first (once; again when pyproject.toml changes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test bench build clean
+.PHONY: demo test lint bench build clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ demo: $(BIN)/.installed
 	$(BIN)/timm-splat demo
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed  # fix what ruff can, then show the rest
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 build: $(BIN)/.installed
 	$(BIN)/timm-splat build --verbose

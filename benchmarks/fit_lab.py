@@ -19,7 +19,7 @@ import time
 import torch
 
 from timm_splat import fit_splats, ops
-from timm_splat.fitting import PRESETS, FitConfig
+from timm_splat.fitting import FitConfig
 from timm_splat.samples import HELDOUT_PHOTOS, SAMPLE_PHOTOS, sample_photos
 
 SETS = {"tune": SAMPLE_PHOTOS, "heldout": HELDOUT_PHOTOS}
@@ -62,8 +62,9 @@ def fit(images, config: FitConfig, budget: int, marks=()):
 
     RENDERS[0] = 0
     start, cpu = time.perf_counter(), time.process_time()
-    result = fit_splats(images, config, num_splats=budget, progress=False,
-                        callback=record if marks else None)
+    result = fit_splats(
+        images, config, num_splats=budget, progress=False, callback=record if marks else None
+    )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return result.psnr, wall / len(images), cpu / len(images), RENDERS[0], curve
 
@@ -72,14 +73,18 @@ def compare(variants, budgets, sets, photos=None, repeats=1, marks=(), per_image
     """Run every variant on every budget and photo set, interleaved; print a markdown table.
     Returns ``{(budget, set, name): (mean PSNR, wall s/image, CPU s/image, renderer calls)}``."""
     photo_sets = {s: sample_photos(224, names=SETS[s][:photos]) for s in sets}
-    print(f"{torch.get_num_threads()} torch threads; sets: "
-          + "; ".join(f"{s}: {', '.join(p)}" for s, p in photo_sets.items()))
+    print(
+        f"{torch.get_num_threads()} torch threads; sets: "
+        + "; ".join(f"{s}: {', '.join(p)}" for s, p in photo_sets.items())
+    )
     for name, config in variants:
         changed = {k: v for k, v in vars(config).items() if getattr(FitConfig(), k) != v}
         print(f"  {name}: {changed or 'FitConfig() defaults'}")
     ref = variants[0][0]
-    print(f"\n| N | set | variant | mean PSNR | s/image | time vs {ref} | CPU s/image | "
-          f"CPU vs {ref} | renders vs {ref} |" + "".join(f" @{m} |" for m in marks))
+    print(
+        f"\n| N | set | variant | mean PSNR | s/image | time vs {ref} | CPU s/image | "
+        f"CPU vs {ref} | renders vs {ref} |" + "".join(f" @{m} |" for m in marks)
+    )
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(marks))
     table = {}
     for budget in budgets:
@@ -95,32 +100,43 @@ def compare(variants, budgets, sets, photos=None, repeats=1, marks=(), per_image
             for name, _ in variants:
                 psnr, wall, cpu, calls, curve = rows[name]
                 table[budget, set_name, name] = (float(psnr.mean()), wall, cpu, calls)
-                print(f"| {budget} | {set_name} | {name} | {psnr.mean():.2f} | {wall:.2f} | "
-                      f"{wall / ref_wall:.2f} | {cpu:.2f} | {cpu / ref_cpu:.2f} | "
-                      f"{calls / ref_calls:.2f} |"
-                      + "".join(f" {curve.get(m, float('nan')):.2f} |" for m in marks),
-                      flush=True)
+                print(
+                    f"| {budget} | {set_name} | {name} | {psnr.mean():.2f} | {wall:.2f} | "
+                    f"{wall / ref_wall:.2f} | {cpu:.2f} | {cpu / ref_cpu:.2f} | "
+                    f"{calls / ref_calls:.2f} |"
+                    + "".join(f" {curve.get(m, float('nan')):.2f} |" for m in marks),
+                    flush=True,
+                )
                 if per_image:
-                    print("    " + ", ".join(f"{n} {p:.2f}" for n, p in zip(photos_, psnr.tolist())))
+                    print(
+                        "    " + ", ".join(f"{n} {p:.2f}" for n, p in zip(photos_, psnr.tolist()))
+                    )
     return table
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", action="append", default=[],
-                        help="name=preset[,field=value...]; the first is the reference")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="name=preset[,field=value...]; the first is the reference",
+    )
     parser.add_argument("--budgets", type=int, nargs="+", default=[400, 900, 1600, 3136])
     parser.add_argument("--sets", nargs="+", default=["tune", "heldout"], choices=list(SETS))
     parser.add_argument("--photos", type=int, default=None, help="first K photos of each set")
     parser.add_argument("--repeats", type=int, default=1, help="time the best of R runs")
-    parser.add_argument("--curve", type=int, nargs="*", default=(),
-                        help="also print mean PSNR at these iterations")
+    parser.add_argument(
+        "--curve", type=int, nargs="*", default=(), help="also print mean PSNR at these iterations"
+    )
     parser.add_argument("--per-image", action="store_true")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in (args.variant or ["paper=paper", "default=default"])]
-    compare(variants, args.budgets, args.sets, args.photos, args.repeats, args.curve,
-            args.per_image)
+    compare(
+        variants, args.budgets, args.sets, args.photos, args.repeats, args.curve, args.per_image
+    )
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ import subprocess
 import sys
 
 CHILD = """
-import resource, sys, time, torch
+import resource, sys, time
+import numpy as np
+import torch
 from timm_splat import extension, fit_splats
 from timm_splat.samples import sample_photos
 extension.load()
 photos = list(sample_photos(224).values())
 batch, budget, iterations = map(int, sys.argv[1:4])
-images = torch.stack([torch.from_numpy(__import__("numpy").asarray(photos[i % len(photos)])).permute(2, 0, 1)
-                      for i in range(batch)])
+images = torch.stack(
+    [torch.from_numpy(np.asarray(photos[i % len(photos)])).permute(2, 0, 1) for i in range(batch)]
+)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 result = fit_splats(images, num_splats=budget, iterations=iterations, progress=False)
@@ -34,12 +37,16 @@ def main():
     args = parser.parse_args()
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(args.batch), str(args.num_splats), str(args.iterations)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     peak, before, seconds, psnr = map(float, out)
-    print(f"batch {args.batch}, N={args.num_splats}, 224x224, {args.iterations} iterations: "
-          f"peak RSS {peak:.2f} GB (torch + data before the fit: {before:.2f} GB), "
-          f"{seconds:.1f} s, mean PSNR {psnr:.2f} dB")
+    print(
+        f"batch {args.batch}, N={args.num_splats}, 224x224, {args.iterations} iterations: "
+        f"peak RSS {peak:.2f} GB (torch + data before the fit: {before:.2f} GB), "
+        f"{seconds:.1f} s, mean PSNR {psnr:.2f} dB"
+    )
     print("goal < 4 GB:", "met" if peak < 4 else "NOT met")
 
 

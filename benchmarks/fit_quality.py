@@ -18,19 +18,22 @@ MARKS = (10, 30, 60, 120, 300, 600)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--budgets", type=int, nargs="+", default=[400, 900, 1600, 3136])
     parser.add_argument("--sets", nargs="+", default=["tune", "heldout"], choices=list(SETS))
-    parser.add_argument("--random-init", action="store_true",
-                        help="also the paper preset from random init")
+    parser.add_argument(
+        "--random-init", action="store_true", help="also the paper preset from random init"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="time the best of R runs")
     args = parser.parse_args()
     variants = [("paper", FitConfig.preset("paper")), ("default", FitConfig())]
     if args.random_init:
         variants.append(("paper-random", FitConfig.preset("paper", init="random")))
-    table = compare(variants, args.budgets, args.sets, repeats=args.repeats, marks=MARKS,
-                    per_image=True)
+    table = compare(
+        variants, args.budgets, args.sets, repeats=args.repeats, marks=MARKS, per_image=True
+    )
     print("\nGoal: default >= paper + 1 dB in <= 1/4 of its wall time, every budget and set")
     for (budget, set_name, name), (psnr, wall, _, _) in table.items():
         if name == "default":

@@ -41,13 +41,21 @@ def baseline_ops(commit: str, verbose: bool = False):
     """torch.ops.timm_splat_base: the CPU kernels of ``commit``, built into a scratch folder."""
     from torch.utils import cpp_extension
 
-    files = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{commit}:csrc"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "--name-only", f"{commit}:csrc"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     src = Path(tempfile.gettempdir()) / f"timm_splat_kernel_speed_{commit}" / "csrc"
     src.mkdir(parents=True, exist_ok=True)
     for name in files:
-        text = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:csrc/{name}"],
-                              capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{commit}:csrc/{name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         path = src / name
         if not path.exists() or path.read_text() != text:  # keep mtimes: ninja rebuilds less
             path.write_text(text)
@@ -110,7 +118,8 @@ def agreement(libs, splats, targets):
     grad_old = old.render_backward(residual, splats, height, width)
     grad_new = new.render_backward(residual, splats, height, width)
     return ((image_new - image_old).abs().max() / image_old.abs().max()).item(), (
-        (grad_new - grad_old).abs().max() / grad_old.abs().max()).item()
+        (grad_new - grad_old).abs().max() / grad_old.abs().max()
+    ).item()
 
 
 def reference_iteration(splats, targets, backend, repeats):
@@ -131,14 +140,30 @@ def callgrind_counts(args, data_file, workload):
     for which in ("old", "new"):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "callgrind.out")
-            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                   "--toggle-collect=*render_forward_cpu*",
-                   "--toggle-collect=*render_backward_cpu*",
-                   sys.executable, __file__, "--single", which, "--data", data_file,
-                   "--workload", workload, "--baseline", args.baseline]
+            cmd = [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                "--toggle-collect=*render_forward_cpu*",
+                "--toggle-collect=*render_backward_cpu*",
+                sys.executable,
+                __file__,
+                "--single",
+                which,
+                "--data",
+                data_file,
+                "--workload",
+                workload,
+                "--baseline",
+                args.baseline,
+            ]
             subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
-            text = subprocess.run(["callgrind_annotate", "--inclusive=yes", out],
-                                  capture_output=True, text=True, check=True).stdout
+            text = subprocess.run(
+                ["callgrind_annotate", "--inclusive=yes", out],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
         found = {}
         for line in text.splitlines():
             match = re.match(r"\s*([\d,]+) .*render_(forward|backward)_cpu\(", line)
@@ -149,8 +174,9 @@ def callgrind_counts(args, data_file, workload):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="commit of the old kernel")
     parser.add_argument("--num-splats", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8)
@@ -159,8 +185,11 @@ def main():
     parser.add_argument("--reference-repeats", type=int, default=3)
     parser.add_argument("--fit-iterations", type=int, default=150)
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--callgrind", action="store_true",
-                        help="also count instructions with valgrind (a few minutes)")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="also count instructions with valgrind (a few minutes)",
+    )
     parser.add_argument("--single", choices=("old", "new"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--workload", default="init", help=argparse.SUPPRESS)
@@ -178,11 +207,15 @@ def main():
 
     libs = {"old": baseline_ops(args.baseline), "new": torch.ops.timm_splat}
     data = workloads(args)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"N={args.num_splats} splats, {args.size}x{args.size}, batch {args.batch}; old = csrc/ "
-          f"at {args.baseline}, new = csrc/ now; ms per image-iteration, median of "
-          f"{args.repeats} interleaved repeats")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"N={args.num_splats} splats, {args.size}x{args.size}, batch {args.batch}; old = csrc/ "
+        f"at {args.baseline}, new = csrc/ now; ms per image-iteration, median of "
+        f"{args.repeats} interleaved repeats"
+    )
     print(f"{'workload':9s} {'kernel':6s} {'fwd':>7s} {'bwd':>7s} {'total':>7s} {'speed-up':>9s}")
     for name, (splats, targets) in data.items():
         kernel_times(libs, splats, targets, 2)  # warm-up
@@ -193,8 +226,10 @@ def main():
             ratio = old_total / sum(times[which])
             print(f"{name:9s} {which:6s} {f:7.3f} {b:7.3f} {f + b:7.3f} {ratio:8.2f}x")
         image_diff, grad_diff = agreement(libs, splats, targets)
-        print(f"{name:9s} new - old, relative to the largest value: image {image_diff:.1e}, "
-              f"gradient {grad_diff:.1e}")
+        print(
+            f"{name:9s} new - old, relative to the largest value: image {image_diff:.1e}, "
+            f"gradient {grad_diff:.1e}"
+        )
 
     if args.callgrind:
         print("instructions per image-iteration (callgrind, 1 thread)")
@@ -203,10 +238,12 @@ def main():
         for name in data:
             counts = callgrind_counts(args, str(data_file), name)
             old, new = counts["old"], counts["new"]
-            print(f"{name:9s} old fwd {old[0] / 1e6:6.2f}M bwd {old[1] / 1e6:6.2f}M | new fwd "
-                  f"{new[0] / 1e6:6.2f}M bwd {new[1] / 1e6:6.2f}M | ratio fwd "
-                  f"{old[0] / new[0]:.2f}x bwd {old[1] / new[1]:.2f}x total "
-                  f"{sum(old) / sum(new):.2f}x")
+            print(
+                f"{name:9s} old fwd {old[0] / 1e6:6.2f}M bwd {old[1] / 1e6:6.2f}M | new fwd "
+                f"{new[0] / 1e6:6.2f}M bwd {new[1] / 1e6:6.2f}M | ratio fwd "
+                f"{old[0] / new[0]:.2f}x bwd {old[1] / new[1]:.2f}x total "
+                f"{sum(old) / sum(new):.2f}x"
+            )
 
     if not args.skip_reference:
         splats, targets = data["init"]
@@ -215,7 +252,9 @@ def main():
         reference = reference_iteration(splats, targets, "reference", args.reference_repeats)
         print("one fitting iteration (forward + backward + MSE, autograd), init workload")
         print(f"  kernel    {kernel * 1e3:9.1f} ms  ({kernel / args.batch * 1e3:.2f} ms/image)")
-        print(f"  reference {reference * 1e3:9.1f} ms  ({reference / args.batch * 1e3:.2f} ms/image)")
+        print(
+            f"  reference {reference * 1e3:9.1f} ms  ({reference / args.batch * 1e3:.2f} ms/image)"
+        )
         print(f"  speed-up  {reference / kernel:9.1f}x")
 
 

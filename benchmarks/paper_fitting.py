@@ -45,8 +45,11 @@ def init_study(images, iterations: int):
         grid, _ = mean_psnr(images, paper, num_splats=budget, init="grid")
         rand, _ = mean_psnr(images, paper, num_splats=budget, init="random")
         new, _ = mean_psnr(images, FitConfig(), num_splats=budget)
-        print(f"| {budget} | {grid_ref:.2f} | {random_ref:.2f} | {grid:.2f} | {rand:.2f} | "
-              f"{new:.2f} ({FitConfig().iterations} it.) |", flush=True)
+        print(
+            f"| {budget} | {grid_ref:.2f} | {random_ref:.2f} | {grid:.2f} | {rand:.2f} | "
+            f"{new:.2f} ({FitConfig().iterations} it.) |",
+            flush=True,
+        )
 
 
 def prune_after_fit(splats: torch.Tensor, share: float) -> torch.Tensor:
@@ -63,8 +66,10 @@ def prune_study(images, iterations: int, budget: int = 3136):
     targets = torch.stack(to_rgb_tensors(images))
     paper = FitConfig.preset("paper", iterations=iterations)
     full, splats = mean_psnr(images, paper, num_splats=budget, init_scale=1.0)
-    print("| pruned (lowest luminance) | splats left | PSNR after pruning | fitted directly at "
-          "that budget (paper pipeline) |")
+    print(
+        "| pruned (lowest luminance) | splats left | PSNR after pruning | fitted directly at "
+        "that budget (paper pipeline) |"
+    )
     print("|---:|---:|---:|---:|")
     kept = float(splat_mask(splats).sum(1).float().mean())
     print(f"| 0% | {kept:.0f} | {full:.2f} | |")
@@ -74,8 +79,10 @@ def prune_study(images, iterations: int, budget: int = 3136):
         left = float(splat_mask(pruned).sum(1).float().mean())
         direct, _ = mean_psnr(images, paper, num_splats=round(left))
         print(f"| {share:.1%} | {left:.0f} | {after:.2f} | {direct:.2f} |", flush=True)
-    print(f"\nPaper: {PAPER_PRUNE[0]:.2f} dB pruned by {PAPER_PRUNE[1]:.1%} fell to "
-          f"{PAPER_PRUNE[2]:.2f} dB.")
+    print(
+        f"\nPaper: {PAPER_PRUNE[0]:.2f} dB pruned by {PAPER_PRUNE[1]:.1%} fell to "
+        f"{PAPER_PRUNE[2]:.2f} dB."
+    )
 
 
 def curves(images, budgets, iterations: int, out: Path):
@@ -86,24 +93,29 @@ def curves(images, budgets, iterations: int, out: Path):
 
     print(f"\n## 3. PSNR against iterations -> {out}\n")
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    runs = [("paper pipeline", FitConfig.preset("paper", iterations=iterations), "--"),
-            ("default fitter", FitConfig(), "-")]
+    runs = [
+        ("paper pipeline", FitConfig.preset("paper", iterations=iterations), "--"),
+        ("default fitter", FitConfig(), "-"),
+    ]
     for budget in budgets:
         for name, config, style in runs:
             steps, values, times = [], [], []
             start = time.perf_counter()
 
-            def record(step, indices, value):
+            def record(step, indices, value, steps=steps, values=values, times=times, start=start):
                 steps.append(step + 1)
                 values.append(float(value.mean()))
                 times.append((time.perf_counter() - start) / len(images))
 
             final, _ = mean_psnr(images, config, num_splats=budget, callback=record)
             label = f"{name}, N={budget}"
-            line, = by_step.plot(steps, values, style, label=label)
+            (line,) = by_step.plot(steps, values, style, label=label)
             by_time.plot(times, values, style, color=line.get_color(), label=label)
-            print(f"- {label}: {final:.2f} dB after {config.iterations} iterations, "
-                  f"{times[-1]:.2f} s/image", flush=True)
+            print(
+                f"- {label}: {final:.2f} dB after {config.iterations} iterations, "
+                f"{times[-1]:.2f} s/image",
+                flush=True,
+            )
     for axis, xlabel in ((by_step, "iteration"), (by_time, "wall time per image (s)")):
         axis.set_xlabel(xlabel)
         axis.set_ylabel("mean PSNR during the fit (dB)")
@@ -118,21 +130,28 @@ def curves(images, budgets, iterations: int, out: Path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="3 photos, 600 iterations")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--photos", type=int, default=None)
     parser.add_argument("--out", default="out/paper_fitting/psnr_vs_iterations.png")
-    parser.add_argument("--parts", nargs="+", default=["init", "prune", "curves"],
-                        choices=["init", "prune", "curves"])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["init", "prune", "curves"],
+        choices=["init", "prune", "curves"],
+    )
     args = parser.parse_args()
     iterations = args.iterations or (600 if args.quick else 3000)
     count = args.photos or (3 if args.quick else len(SAMPLE_PHOTOS))
     photos = sample_photos(224, names=SAMPLE_PHOTOS[:count])
     images = list(photos.values())
-    print(f"# Paper fitting study: {', '.join(photos)} at 224x224, {iterations} iterations for "
-          f"the paper pipeline, {torch.get_num_threads()} torch threads")
+    print(
+        f"# Paper fitting study: {', '.join(photos)} at 224x224, {iterations} iterations for "
+        f"the paper pipeline, {torch.get_num_threads()} torch threads"
+    )
     if "init" in args.parts:
         init_study(images, iterations)
     if "prune" in args.parts:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import away_from_cutoff, poison_allocator, random_splats
+
 from timm_splat import extension, ops
 from timm_splat.reference import render_reference
 

@@ -26,8 +26,9 @@ def _hilbert_order(height: int, width: int, device) -> torch.Tensor:
 def _hilbert_index(height: int, width: int, device) -> torch.Tensor:
     """``[H * W]`` position of each pixel (row-major) along a Hilbert curve over the image."""
     order = 1 << max(1, math.ceil(math.log2(max(height, width))))
-    y, x = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
-                          indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
+    )
     x, y = x.flatten().clone(), y.flatten().clone()
     index = torch.zeros_like(x)
     s = order // 2
@@ -118,8 +119,16 @@ def _sample(image: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(image, grid, align_corners=False).squeeze(2).transpose(1, 2)
 
 
-def adaptive_splats(targets: torch.Tensor, count: int, *, uniform: float, smooth: float,
-                    sigma: float, seed: int, backend: str = "auto") -> torch.Tensor:
+def adaptive_splats(
+    targets: torch.Tensor,
+    count: int,
+    *,
+    uniform: float,
+    smooth: float,
+    sigma: float,
+    seed: int,
+    backend: str = "auto",
+) -> torch.Tensor:
     """``count`` splats per image placed by the image's gradient density: ``[B, count, 8]``.
 
     Each splat's std-dev is ``sigma`` times the local spacing ``1 / sqrt(count * density)``;
@@ -140,8 +149,9 @@ def adaptive_splats(targets: torch.Tensor, count: int, *, uniform: float, smooth
     return torch.cat([unit[..., :5], color], -1)
 
 
-def relocate(splats: torch.Tensor, residual: torch.Tensor, count: int, score: torch.Tensor,
-             sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def relocate(
+    splats: torch.Tensor, residual: torch.Tensor, count: int, score: torch.Tensor, sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the ``count`` lowest-``score`` splats of each image to where the error is largest.
 
     New means are stratified samples of the squared residual (``render - target``); each new
@@ -160,8 +170,9 @@ def relocate(splats: torch.Tensor, residual: torch.Tensor, count: int, score: to
     return splats.scatter(1, rows, new), index
 
 
-def solve_colors(splats: torch.Tensor, targets: torch.Tensor, steps: int,
-                 backend: str = "auto") -> torch.Tensor:
+def solve_colors(
+    splats: torch.Tensor, targets: torch.Tensor, steps: int, backend: str = "auto"
+) -> torch.Tensor:
     """Colours that minimise the squared error for the splats' geometry, by ``steps`` of
     Jacobi-preconditioned conjugate gradients on the normal equations (the render is linear in
     the colours: one render and one VJP per step). Starts from the splats' own colours; a
@@ -176,13 +187,15 @@ def solve_colors(splats: torch.Tensor, targets: torch.Tensor, steps: int,
 
     def normal(colors):  # A^T A colours
         full = torch.cat([geometry, colors], -1)
-        return ops.render_vjp(full, ops.render(full, height, width, backend), height, width,
-                              backend)[..., 5:]
+        return ops.render_vjp(
+            full, ops.render(full, height, width, backend), height, width, backend
+        )[..., 5:]
 
     colors = splats[..., 5:]
     full = torch.cat([geometry, colors], -1)
-    residual = ops.render_vjp(full, targets - ops.render(full, height, width, backend),
-                              height, width, backend)[..., 5:]  # A^T (b - A x), [B, n, 3]
+    residual = ops.render_vjp(
+        full, targets - ops.render(full, height, width, backend), height, width, backend
+    )[..., 5:]  # A^T (b - A x), [B, n, 3]
     z = residual * inv_diag
     p = z
     rz = _total(residual * z)  # [B, 3]: one system per image and channel

@@ -9,8 +9,15 @@ from PIL import Image
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "retina", "ihc")
 # Held out of the fitter's tuning, to check its quality on photos it never saw: more photos that
 # ship offline with scikit-image (grey ones made RGB) and matplotlib.
-HELDOUT_PHOTOS = ("hubble_deep_field", "motorcycle_right", "grace_hopper", "camera", "coins",
-                  "grass", "brick")
+HELDOUT_PHOTOS = (
+    "hubble_deep_field",
+    "motorcycle_right",
+    "grace_hopper",
+    "camera",
+    "coins",
+    "grass",
+    "brick",
+)
 
 
 def _load(name: str) -> np.ndarray:
