@@ -3,8 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from timm_splat import fit_splats, psnr, render_splats, splat_count
-from timm_splat import ops
+from timm_splat import fit_splats, ops, psnr, render_splats, splat_count
 from timm_splat.fitting import PRESETS, FitConfig, _Adam, _prune, initial_splats
 from timm_splat.fitting_init import adaptive_splats, importance, relocate, solve_colors
 from timm_splat.images import to_rgb_tensors
@@ -21,7 +20,9 @@ def test_fit_raises_psnr_on_a_real_photo(astronaut_64):
     assert result.psnr.item() > start_psnr + 2
     assert result.psnr.item() > 18
     # the reported PSNR is the PSNR of the returned splats
-    assert result.psnr.item() == pytest.approx(psnr(render_splats(result.splats, 64, 64), target).item(), abs=1e-4)
+    assert result.psnr.item() == pytest.approx(
+        psnr(render_splats(result.splats, 64, 64), target).item(), abs=1e-4
+    )
 
 
 def test_structured_init_starts_better_than_random_init(astronaut_64):
@@ -91,6 +92,13 @@ def test_prune_keeps_the_highest_luminance_splats():
         (dict(relocate_fraction=1.5), "relocate_fraction"),
         (dict(relocate_sigma=0), "relocate_sigma"),
         (dict(relocate_solve=-2), "relocate_solve"),
+        (dict(num_splats=2.5), "num_splats must be an int"),
+        (dict(init_scale=float("inf")), "init_scale must be a finite number"),
+        (dict(lr_color=float("nan")), "lr_color must be a finite number"),
+        (dict(lr_position=-0.1), "lr_position"),
+        (dict(l1_color=float("nan")), "l1_color"),
+        (dict(seed=True), "seed must be an int"),
+        (dict(max_size=0), "max_size"),
     ],
 )
 def test_bad_options(kwargs, message, astronaut_64):
@@ -116,7 +124,12 @@ def test_zero_iterations_and_tiny_images():
 def test_presets():
     assert FitConfig.preset("default") == FitConfig()
     paper = FitConfig.preset("paper", num_splats=900)
-    assert (paper.num_splats, paper.iterations, paper.init, paper.init_scale) == (900, 600, "grid", 1.5)
+    assert (paper.num_splats, paper.iterations, paper.init, paper.init_scale) == (
+        900,
+        600,
+        "grid",
+        1.5,
+    )
     assert paper.relocate_every == 0 and paper.color_solve == 0 and paper.l1_color == 1e-6
     assert set(PRESETS) >= {"default", "paper"}
     with pytest.raises(ValueError, match="unknown fit preset"):
@@ -128,8 +141,9 @@ def test_presets():
 def test_paper_preset_reproduces_the_original_fitter(astronaut_64):
     # Numbers of the fitter as first committed (grid at 1.5x, Adam, luminance pruning), before
     # the default changed; the preset runs the same code path, so only kernel rounding moves them.
-    result = fit_splats(astronaut_64, FitConfig.preset("paper"), num_splats=40, iterations=30,
-                        prune_every=5)
+    result = fit_splats(
+        astronaut_64, FitConfig.preset("paper"), num_splats=40, iterations=30, prune_every=5
+    )
     assert result.psnr.item() == pytest.approx(15.622156, abs=2e-3)
     splats = result.splats.double()
     assert splats.sum().item() == pytest.approx(85.894479, rel=1e-4)
@@ -172,8 +186,13 @@ def test_colour_solve_matches_least_squares():
     solved = solve_colors(splats, target, 40, "reference")
     torch.testing.assert_close(solved[0, :, 5:], best, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(solved[..., :5], splats[..., :5])
-    err = lambda s: (ops.render(s, 12, 10, "reference") - target).square().sum()
-    excess = lambda s: err(s) - err(solved)  # above the least-squares optimum
+
+    def excess(s):  # squared error above the least-squares optimum
+        def err(x):
+            return (ops.render(x, 12, 10, "reference") - target).square().sum()
+
+        return err(s) - err(solved)
+
     assert excess(solve_colors(splats, target, 3, "reference")) < 0.3 * excess(splats)
 
 
@@ -192,7 +211,9 @@ def test_adaptive_init_puts_splats_where_the_image_has_detail():
 
 
 def test_relocate_moves_the_dimmest_splats_to_the_error():
-    splats = initial_splats(torch.full((1, 3, 32, 32), 0.5), 16, FitConfig.preset("paper", num_splats=16))
+    splats = initial_splats(
+        torch.full((1, 3, 32, 32), 0.5), 16, FitConfig.preset("paper", num_splats=16)
+    )
     score = torch.arange(16.0).flip(0)[None]  # the last splats are the dimmest
     residual = torch.zeros(1, 3, 32, 32)
     residual[..., 4:8, 20:24] = -0.8  # the render is too dark in one small square
@@ -202,3 +223,20 @@ def test_relocate_moves_the_dimmest_splats_to_the_error():
     xy = moved[0, 13:, :2] * 32
     assert ((xy[:, 0] > 19) & (xy[:, 0] < 25) & (xy[:, 1] > 3) & (xy[:, 1] < 9)).all()
     assert (moved[0, 13:, 5:] > 0).all()  # colours that cancel the residual
+
+
+def test_a_diverging_fit_raises_instead_of_returning_garbage():
+    with pytest.raises(ValueError, match="diverged"):
+        fit_splats(torch.rand(3, 16, 16), num_splats=8, iterations=5, lr_color=1e30)
+
+
+def test_large_images_are_fitted_at_the_working_size(astronaut_64):
+    """The splats are normalised: fitting at max_size describes the full image; its render at
+    the small size equals a fit of the image shrunk by hand."""
+    import torch.nn.functional as F
+
+    big = to_rgb_tensors(astronaut_64)[0][None]
+    capped = fit_splats(big, num_splats=30, iterations=10, max_size=32)
+    small = F.interpolate(big, size=(32, 32), mode="bilinear", antialias=True).clamp(0, 1)
+    by_hand = fit_splats(small, num_splats=30, iterations=10)
+    assert torch.equal(capped.splats, by_hand.splats)

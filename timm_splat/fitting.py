@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+import numbers
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +57,19 @@ class FitConfig:
     lr_final: float = 0.1  # cosine decay to this fraction of each learning rate
     l1_color: float = 1e-6  # lambda of the L1 penalty on colours (the paper's lambda_reg)
     batch_size: int = 64  # images fitted per batch (memory grows linearly with it)
+    max_size: int = 1024  # longer side larger images are fitted at (splats are resolution-free)
     seed: int = 0
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # types first: 2.5 splats or an inf rate are bugs
+            value, kind = getattr(self, field.name), type(field.default)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if kind is int and not (number and isinstance(value, numbers.Integral)):
+                raise ValueError(f"fit option {field.name} must be an int, got {value!r}")
+            if kind is float and not (number and math.isfinite(value)):
+                raise ValueError(f"fit option {field.name} must be a finite number, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"fit option {field.name} must be a string, got {value!r}")
         checks = {
             "num_splats": self.num_splats >= 1,
             "iterations": self.iterations >= 0,
@@ -77,13 +89,18 @@ class FitConfig:
             "prune_threshold": self.prune_threshold >= 0,
             "lr_final": 0 <= self.lr_final <= 1,
             "batch_size": self.batch_size >= 1,
+            "max_size": self.max_size >= 1,
+            "lr_position": self.lr_position >= 0,
+            "lr_shape": self.lr_shape >= 0,
+            "lr_color": self.lr_color >= 0,
+            "l1_color": self.l1_color >= 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid fit option {name}={getattr(self, name)!r}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "FitConfig":
+    def preset(cls, name: str, **overrides) -> FitConfig:
         """A named configuration of ``PRESETS``, with fields replaced by ``overrides``."""
         if name not in PRESETS:
             raise ValueError(f"unknown fit preset {name!r}; choose from {sorted(PRESETS)}")
@@ -95,10 +112,23 @@ class FitConfig:
 # numbers stay reproducible and every comparison can run it side by side.
 PRESETS: dict[str, dict] = {
     "default": {},
-    "paper": dict(iterations=600, init="grid", init_scale=1.5, init_sigma=0.6, color_solve=0,
-                  relocate_every=0, prune_start=0.1, prune_end=0.6, prune_every=50,
-                  prune_threshold=0.5 / 255, lr_position=0.05, lr_shape=0.05, lr_color=0.02,
-                  lr_final=0.02, l1_color=1e-6),
+    "paper": dict(
+        iterations=600,
+        init="grid",
+        init_scale=1.5,
+        init_sigma=0.6,
+        color_solve=0,
+        relocate_every=0,
+        prune_start=0.1,
+        prune_end=0.6,
+        prune_every=50,
+        prune_threshold=0.5 / 255,
+        lr_position=0.05,
+        lr_shape=0.05,
+        lr_color=0.02,
+        lr_final=0.02,
+        l1_color=1e-6,
+    ),
 }
 
 
@@ -121,17 +151,28 @@ def _grid_shape(count: int, height: int, width: int) -> tuple[int, int]:
 
 def _raw_to_splats(raw: torch.Tensor) -> torch.Tensor:
     """Optimised parameters (x, y, log l11, l21, log l22, rgb) -> Splats tensor."""
-    return torch.cat([raw[..., :2], raw[..., 2:3].exp(), raw[..., 3:4], raw[..., 4:5].exp(),
-                      raw[..., 5:]], dim=-1)
+    return torch.cat(
+        [raw[..., :2], raw[..., 2:3].exp(), raw[..., 3:4], raw[..., 4:5].exp(), raw[..., 5:]],
+        dim=-1,
+    )
 
 
 def _splats_to_raw(splats: torch.Tensor) -> torch.Tensor:
-    return torch.cat([splats[..., :2], splats[..., 2:3].log(), splats[..., 3:4],
-                      splats[..., 4:5].log(), splats[..., 5:]], dim=-1)
+    return torch.cat(
+        [
+            splats[..., :2],
+            splats[..., 2:3].log(),
+            splats[..., 3:4],
+            splats[..., 4:5].log(),
+            splats[..., 5:],
+        ],
+        dim=-1,
+    )
 
 
 def initial_splats(targets: torch.Tensor, count: int, cfg: FitConfig, backend: str = "auto"):
-    """Structured (or random) initial splats for ``targets [B, 3, H, W]``: ``[B, n, 8]``, n >= count.
+    """Structured (or random) initial splats for ``targets [B, 3, H, W]``: ``[B, n, 8]``,
+    n >= count.
 
     Colours are the images' cell means divided by how much the neighbouring Gaussians overlap
     there, so the first render already matches the images' low frequencies."""
@@ -206,8 +247,15 @@ def _fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     batch, _, height, width = targets.shape
     start = math.ceil(cfg.init_scale * cfg.num_splats)
     if cfg.init == "adaptive":
-        splats = adaptive_splats(targets, start, uniform=cfg.init_uniform, smooth=cfg.init_smooth,
-                                 sigma=cfg.init_sigma, seed=cfg.seed, backend=backend)
+        splats = adaptive_splats(
+            targets,
+            start,
+            uniform=cfg.init_uniform,
+            smooth=cfg.init_smooth,
+            sigma=cfg.init_sigma,
+            seed=cfg.seed,
+            backend=backend,
+        )
         rows, cols = _grid_shape(start, height, width)
         sigma = cfg.init_sigma * math.sqrt((height / rows) * (width / cols)) / height
     else:
@@ -219,16 +267,27 @@ def _fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     live = torch.ones(batch, raw.shape[1], 1, device=raw.device)
     # Scale-free learning rates: positions move in grid spacings, l21 in initial sigmas.
     lr = torch.tensor(
-        [cfg.lr_position / cols, cfg.lr_position / rows, cfg.lr_shape,
-         cfg.lr_shape * sigma, cfg.lr_shape] + [cfg.lr_color] * 3,
+        [
+            cfg.lr_position / cols,
+            cfg.lr_position / rows,
+            cfg.lr_shape,
+            cfg.lr_shape * sigma,
+            cfg.lr_shape,
+        ]
+        + [cfg.lr_color] * 3,
         device=raw.device,
     )
     adam = _Adam(raw, lr)
     schedule = _prune_schedule(raw.shape[1], cfg)
     moves = set()
     if cfg.relocate_every and cfg.relocate_fraction > 0:
-        moves = set(range(int(cfg.relocate_start * cfg.iterations),
-                          int(cfg.relocate_end * cfg.iterations), cfg.relocate_every))
+        moves = set(
+            range(
+                int(cfg.relocate_start * cfg.iterations),
+                int(cfg.relocate_end * cfg.iterations),
+                cfg.relocate_every,
+            )
+        )
     pixels = targets[0].numel()
     for step in range(cfg.iterations):
         param = raw.detach().requires_grad_(True)
@@ -320,7 +379,9 @@ def fit_splats(
 
     Returns:
         ``FitResult(splats [B, num_splats, 8], psnr [B])`` on ``device``: zero rows pad images
-        for which pruning left fewer splats. Deterministic for a given seed.
+        for which pruning left fewer splats; the PSNR is against the image at the size it was
+        fitted at (``max_size``). Deterministic for a given seed, and an image's fit does not
+        depend on the batch it is in.
     """
     cfg = resolve_config(config, overrides)
     if device is None:
@@ -336,14 +397,20 @@ def fit_splats(
             groups.setdefault(tuple(image.shape[-2:]), ([], []))
             groups[tuple(image.shape[-2:])][0].append(index)
             groups[tuple(image.shape[-2:])][1].append(image)
-        groups = {size: (indices, torch.stack(tensors)) for size, (indices, tensors) in groups.items()}
+        groups = {
+            size: (indices, torch.stack(tensors)) for size, (indices, tensors) in groups.items()
+        }
+    groups = {
+        size: (indices, _working_size(t, cfg.max_size)) for size, (indices, t) in groups.items()
+    }
     count = sum(len(indices) for indices, _ in groups.values())
 
     splats = torch.zeros(count, cfg.num_splats, SPLAT_CHANNELS, device=device)
     quality = torch.zeros(count, device=device)
     disable = None if progress is None else not progress  # None: only on a terminal
-    bar = tqdm(total=count * cfg.iterations, disable=disable, unit="img-it",
-               desc=f"fit {cfg.num_splats}")
+    bar = tqdm(
+        total=count * cfg.iterations, disable=disable, unit="img-it", desc=f"fit {cfg.num_splats}"
+    )
     # Fitting differentiates the render whatever the caller's mode (models fit under no_grad).
     with bar, torch.enable_grad():
         for indices, targets in groups.values():
@@ -354,7 +421,24 @@ def fit_splats(
                 rows = torch.tensor(chunk, device=device)
                 splats[rows, : fitted.shape[1]] = fitted
                 quality[rows] = q
+    if not bool(torch.isfinite(splats).all()):  # one host sync per call, after the work
+        raise ValueError(
+            "the fit diverged (non-finite splats): lower the learning rates (lr_position, "
+            "lr_shape, lr_color) or use FitConfig()'s defaults"
+        )
     return FitResult(splats, quality)
+
+
+def _working_size(images: torch.Tensor, max_size: int) -> torch.Tensor:
+    """``images`` shrunk (antialiased) so the longer side is at most ``max_size``: the splats'
+    coordinates are normalised, so they describe the full-size image all the same."""
+    height, width = images.shape[-2:]
+    if max(height, width) <= max_size:
+        return images
+    scale = max_size / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return small.clamp(0, 1)
 
 
 def resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:
