@@ -5,10 +5,9 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import random_splats
-from timm_splat import render_splats
-from timm_splat import extension, ops
+
+from timm_splat import extension, ops, render_splats
 from timm_splat.reference import render_reference
 
 pytestmark = pytest.mark.skipif(not extension.load(), reason="kernels unavailable")
@@ -45,8 +44,14 @@ def test_gradcheck_small():
     # Finite differences across the cut-off ellipse's edge are not smooth: keep splats well
     # inside the image and compare analytic with numeric gradients.
     s.requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: ops.render(t, 12, 14, "kernel"), (s,),
-                                    eps=1e-7, atol=1e-4, rtol=1e-3, nondet_tol=0)
+    assert torch.autograd.gradcheck(
+        lambda t: ops.render(t, 12, 14, "kernel"),
+        (s,),
+        eps=1e-7,
+        atol=1e-4,
+        rtol=1e-3,
+        nondet_tol=0,
+    )
 
 
 def border_splats(batch, n, height, width, dtype=torch.float64, seed=0):
@@ -54,8 +59,19 @@ def border_splats(batch, n, height, width, dtype=torch.float64, seed=0):
     and huge ones: spans that end on the image edge, inside a SIMD chunk or none at all."""
     s = random_splats(batch, n, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    edges = torch.tensor([[0.0, 0.5], [1.0, 0.5], [0.5, 0.0], [0.5, 1.0], [0.0, 0.0], [1.0, 1.0],
-                          [1.0 - 0.5 / width, 0.3], [0.02, 1.0 - 0.5 / height]], dtype=dtype)
+    edges = torch.tensor(
+        [
+            [0.0, 0.5],
+            [1.0, 0.5],
+            [0.5, 0.0],
+            [0.5, 1.0],
+            [0.0, 0.0],
+            [1.0, 1.0],
+            [1.0 - 0.5 / width, 0.3],
+            [0.02, 1.0 - 0.5 / height],
+        ],
+        dtype=dtype,
+    )
     k = len(edges)
     s[:, 4 : 4 + k, 0:2] = edges
     s[:, 4 : 4 + k, 2:5] = torch.rand(batch, k, 3, generator=g, dtype=dtype) * 0.2 + 0.01
@@ -67,8 +83,9 @@ def border_splats(batch, n, height, width, dtype=torch.float64, seed=0):
     return s
 
 
-@pytest.mark.parametrize("batch, height, width", [(2, 5, 9), (3, 17, 8), (1, 40, 23),
-                                                  (2, 3, 130), (1, 70, 1)])
+@pytest.mark.parametrize(
+    "batch, height, width", [(2, 5, 9), (3, 17, 8), (1, 40, 23), (2, 3, 130), (1, 70, 1)]
+)
 def test_kernel_matches_reference_on_borders(batch, height, width):
     s = border_splats(batch, 24, height, width, seed=height + width).requires_grad_()
     out = ops.render(s, height, width, "kernel")
@@ -92,8 +109,9 @@ def test_kernel_float32_on_borders(height, width):
     g = torch.randn_like(out)
     (grad,) = torch.autograd.grad((out * g).sum(), s)
     leaf = s.detach().double().requires_grad_()
-    (grad_ref,) = torch.autograd.grad((render_reference(leaf, height, width) * g.double()).sum(),
-                                      leaf)
+    (grad_ref,) = torch.autograd.grad(
+        (render_reference(leaf, height, width) * g.double()).sum(), leaf
+    )
     assert (grad.double() - grad_ref).abs().max() <= 1e-3 * grad_ref.abs().max()
 
 
@@ -106,8 +124,11 @@ def test_fast_exp_error_bound():
     """Splats whose whitened offsets z and |z|^2 are exact in float32 at every pixel of a 64 x 64
     image, so each rendered pixel is exactly the kernel's exp(-|z|^2 / 2): compare it with the
     exact exponential over ~60000 distinct arguments in [-4.5, 0]."""
-    rows = [[0.5 + off / 1024, 0.5 - off / 2048, 2.0**-k, 0.0, 2.0**-k, 1.0, 0.0, 0.0]
-            for k in (2, 3, 4) for off in range(16)]
+    rows = [
+        [0.5 + off / 1024, 0.5 - off / 2048, 2.0**-k, 0.0, 2.0**-k, 1.0, 0.0, 0.0]
+        for k in (2, 3, 4)
+        for off in range(16)
+    ]
     s = torch.tensor(rows, dtype=torch.float32).unsqueeze(1)  # one splat per image
     out = ops.render(s, 64, 64, "kernel")[:, 0].double()
     c = (torch.arange(64, dtype=torch.float64) + 0.5) / 64
@@ -132,8 +153,12 @@ def test_kernels_are_deterministic_across_thread_counts(dtype):
     try:
         for n in (1, 2, 1, 3):
             torch.set_num_threads(n)
-            results.append((ops.render(s, 50, 61, "kernel"),
-                            torch.ops.timm_splat.render_backward(g, s, 50, 61)))
+            results.append(
+                (
+                    ops.render(s, 50, 61, "kernel"),
+                    torch.ops.timm_splat.render_backward(g, s, 50, 61),
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     for out, grad in results[1:]:
@@ -160,7 +185,9 @@ def test_render_splats_leading_dims_and_fp16():
     s = random_splats(6, 20, dtype=torch.float32).reshape(2, 3, 20, 8)
     out = render_splats(s, 10, 12)
     assert out.shape == (2, 3, 3, 10, 12)
-    torch.testing.assert_close(out[1, 2], render_reference(s[1, 2:3], 10, 12)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        out[1, 2], render_reference(s[1, 2:3], 10, 12)[0], rtol=1e-4, atol=1e-4
+    )
     half = render_splats(s.half(), 10, 12)
     assert half.dtype == torch.float32
 
@@ -203,7 +230,16 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
         print("OK")
     """)
     env = {**os.environ, "TIMM_SPLAT_BUILD_DIR": str(tmp_path / "build")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+def test_no_splats_render_black():
+    """A black image's fit can keep no splat at all: its render is black, not an error."""
+    for splats in (torch.zeros(0, 8), torch.zeros(2, 0, 8, requires_grad=True)):
+        image = render_splats(splats, 5, 7)
+        assert image.shape == (*splats.shape[:-2], 3, 5, 7) and not image.any()
+    image.sum().backward()  # differentiable like any render

@@ -57,7 +57,9 @@ def find_cuda_home() -> str | None:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for home in filter(None, candidates):
-        if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
+        if (Path(home) / "bin" / "nvcc").exists() and (
+            Path(home) / "include" / "cuda_runtime.h"
+        ).exists():
             return home
     return None
 
@@ -83,8 +85,10 @@ def build(verbose: bool = False, cuda: bool | None = None) -> dict:
     Returns what was built: name, folder, devices, CUDA archs. Raises on failure."""
     if _state["built"]:  # a process can hold only one library defining the ops
         if cuda and "cuda" not in _state["built"]["devices"]:
-            raise RuntimeError("the CPU-only kernels are already loaded in this process; "
-                               "build the CUDA kernels in a fresh process")
+            raise RuntimeError(
+                "the CPU-only kernels are already loaded in this process; "
+                "build the CUDA kernels in a fresh process"
+            )
         return _state["built"]
     cuda_home = find_cuda_home()
     if cuda is None:
@@ -108,7 +112,10 @@ def build(verbose: bool = False, cuda: bool | None = None) -> dict:
     cpp_extension.load(
         name=name,
         sources=[str(src / f) for f in (_CUDA_SOURCES if cuda else _CPU_SOURCES)],
-        extra_cflags=["-O3", "-ffast-math"],  # torch picks the C++ standard its headers need
+        # Fast math, but NaN and infinity keep their meaning: the bounding-box test rejects
+        # non-finite splats by comparisons that -ffinite-math-only may fold away. (torch picks
+        # the C++ standard its headers need.)
+        extra_cflags=["-O3", "-ffast-math", "-fno-finite-math-only"],
         extra_cuda_cflags=["-O3", "--use_fast_math"],
         extra_include_paths=[str(src)],
         build_directory=str(out),
@@ -168,4 +175,3 @@ def cuda_kernels_loaded() -> bool:
 def load_error() -> str | None:
     """Why the kernels are not in use, or None."""
     return _state["error"]
-

@@ -116,5 +116,7 @@ def render_splats(
     if splats.dtype in (torch.float16, torch.bfloat16):
         splats = splats.float()
     lead = splats.shape[:-2]
+    if splats.shape[-2] == 0 or lead.numel() == 0:  # no splats (a black image's fit): black
+        return splats.new_zeros(*lead, 3, height, width) + 0 * splats.sum()  # keeps autograd
     flat = splats.reshape(-1, *splats.shape[-2:])
     return render(flat, height, width, backend).reshape(*lead, 3, height, width)
