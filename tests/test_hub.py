@@ -242,3 +242,22 @@ def test_card_names_datasets_only_by_hub_id(tmp_path):
         hub.save_pretrained(tiny, tmp_path / "b", data="org/in1k-gs400") / "README.md"
     ).read_text()
     assert "datasets:\n- org/in1k-gs400" in card.split("---")[1]
+
+
+def test_an_edited_config_cannot_ask_for_a_giant_model(saved, tmp_path):
+    """A config.json / open_clip_config.json edited to ask for tens of GB is refused before
+    anything is allocated."""
+    edited = tmp_path / "edited"
+    shutil.copytree(saved, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["model_args"]["depth"], config["model_args"]["embed_dim"] = 4000, 8192
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="B parameters"):
+        timm.create_model(f"local-dir:{edited}", pretrained=True)
+    oc = json.loads((edited / "open_clip_config.json").read_text())
+    oc["model_cfg"]["text_cfg"].update(width=16384, layers=96)
+    (edited / "open_clip_config.json").write_text(json.dumps(oc))
+    with pytest.raises(ValueError, match="text tower"):
+        from timm_splat.models import load_clip
+
+        load_clip(str(edited))

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..transforms import SplatTransform
 from .clip import OPEN_CLIP_CONFIG, register_open_clip_configs, splat_trunk
 from .convert import set_quick_gelu
+from .splat_vit import check_model_size
 
 
 def create_model_and_transforms(model_name: str, pretrained: str | None = None, **kwargs):
@@ -81,14 +82,22 @@ def load_clip(
     if pretrained and (local is None or (local / OPEN_CLIP_CONFIG).is_file()):
         # A published model: open_clip reads its config and weights (also from a local folder).
         source = pretrained if local is None else f"local-dir:{local}"
-        model = open_clip.create_model(source, device=device)
         if local is None:
             from huggingface_hub import hf_hub_download
 
             config_file = hf_hub_download(pretrained.removeprefix("hf-hub:"), OPEN_CLIP_CONFIG)
         else:
             config_file = local / OPEN_CLIP_CONFIG
-        stored = json.loads(Path(config_file).read_text()).get("timm_splat", {})
+        config = json.loads(Path(config_file).read_text())
+        text = config.get("model_cfg", {}).get("text_cfg", {})
+        check_model_size(
+            text.get("width", 512),
+            text.get("layers", 12),
+            text.get("mlp_ratio", 4.0),
+            what=f"the text tower of {pretrained}",
+        )
+        model = open_clip.create_model(source, device=device)
+        stored = config.get("timm_splat", {})
         name, tokenizer = stored.get("model_name"), source
         if model_name and name and model_name != name:
             raise ValueError(f"{pretrained} holds a {name}, not a {model_name}")

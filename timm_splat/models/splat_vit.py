@@ -33,6 +33,24 @@ from ..fitting import fit_splats, resolve_config
 from ..splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS
 from .stem import GSStem
 
+# No splat ViT is near this (splat_vit_l14: 0.3B); a config asking for more was most likely
+# edited or corrupted, and would allocate tens of GB before anything could check it.
+MAX_PARAMETERS = 2_000_000_000
+
+
+def check_model_size(width, depth, mlp_ratio=4.0, what: str = "the splat ViT") -> None:
+    """ValueError when a transformer of this shape would exceed MAX_PARAMETERS."""
+    try:
+        parameters = float(depth) * float(width) ** 2 * (4 + 2 * float(mlp_ratio))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: width {width!r} and depth {depth!r} must be numbers") from exc
+    if not 0 <= parameters <= MAX_PARAMETERS:
+        raise ValueError(
+            f"{what} config asks for about {parameters / 1e9:.1f}B parameters (width {width}, "
+            f"depth {depth}), more than {MAX_PARAMETERS / 1e9:.0f}B: the config is probably "
+            "edited or corrupt; refusing to allocate it"
+        )
+
 
 class SplatVisionTransformer(VisionTransformer):
     """A ViT that reads 2D Gaussian splats.
@@ -54,6 +72,9 @@ class SplatVisionTransformer(VisionTransformer):
         fit_options: dict | None = None,
         **kwargs,
     ):
+        check_model_size(
+            kwargs.get("embed_dim", 768), kwargs.get("depth", 12), kwargs.get("mlp_ratio", 4.0)
+        )
         for name in ("embed_layer", "dynamic_img_size", "dynamic_img_pad"):
             if kwargs.pop(name, None):
                 raise ValueError(
