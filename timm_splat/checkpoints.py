@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data.journal import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
@@ -39,19 +41,6 @@ def _write_json(path: Path, data) -> None:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- state dicts as tensors + JSON ------------------------------------------------------------
@@ -162,11 +151,11 @@ def save_checkpoint(
             partial / COMPLETE,
             {"format_version": FORMAT_VERSION, "world_size": accelerator.num_processes, **position},
         )
-        _fsync_dir(partial)
+        fsync_dir(partial)
         if folder.exists():  # the same step saved again (the final save after a periodic one)
             shutil.rmtree(folder)
         os.replace(partial, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         if keep:
             for old in complete_checkpoints(folder.parent)[:-keep]:
                 shutil.rmtree(old)

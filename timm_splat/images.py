@@ -9,6 +9,7 @@ ValueError saying what was wrong.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -50,11 +51,16 @@ def _decoded_pil(image) -> torch.Tensor:
 FLOAT_SLACK = 1e-3
 
 
-def _range_error(low: float, high: float) -> str:
-    return (
-        f"float pixel values must be in [0, 1], got [{low:.4g}, {high:.4g}]: divide 0..255 "
-        "images by 255, and undo mean/std normalisation first"
-    )
+def _check_range(low: float, high: float, what: str) -> None:
+    """ValueError unless float pixels with this min and max are finite and in [0, 1] (give or
+    take FLOAT_SLACK)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{what} contains NaN or infinite values")
+    if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+        raise ValueError(
+            f"float pixel values must be in [0, 1], got [{low:.4g}, {high:.4g}]: divide 0..255 "
+            "images by 255, and undo mean/std normalisation first"
+        )
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -66,10 +72,8 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         data = array.astype(np.float32)
     else:
         raise ValueError(f"numpy images must be uint8, uint16, bool or float, got {array.dtype}")
-    if not np.isfinite(data).all():
-        raise ValueError("numpy image contains NaN or infinite values")
-    if data.size and (data.min() < -FLOAT_SLACK or data.max() > 1 + FLOAT_SLACK):
-        raise ValueError(_range_error(float(data.min()), float(data.max())))
+    if data.size:
+        _check_range(float(data.min()), float(data.max()), "numpy image")
     data = data.clip(0, 1)
     if data.ndim == 2:
         data = data[:, :, None]
@@ -102,17 +106,14 @@ def _from_tensor(tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"image tensors must be [3, H, W] or [B, 3, H, W], got {tuple(tensor.shape)}"
         )
-    # One check for the whole batch: on a GPU each check is a host sync.
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise ValueError("image tensor contains NaN or infinite values")
     if tensor.dtype == torch.uint8:
         batch = tensor.float() / 255.0
     elif tensor.dtype == torch.bool:
         batch = tensor.float()
     elif tensor.is_floating_point():
-        low, high = (float(v) for v in torch.aminmax(tensor)) if tensor.numel() else (0.0, 0.0)
-        if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
-            raise ValueError(_range_error(low, high))
+        # One pass and one host sync for the whole batch: min and max also carry NaN and inf.
+        if tensor.numel():
+            _check_range(*(float(v) for v in torch.aminmax(tensor)), "image tensor")
         batch = tensor.float().clamp(0, 1)
     else:
         raise ValueError(f"image tensors must be uint8 or float, got {tensor.dtype}")

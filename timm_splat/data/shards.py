@@ -196,7 +196,7 @@ def check_shards(folder: Path, split: str | None = None) -> dict[str, list[Path]
             raise ValueError(
                 f"{file} is not a readable parquet shard ({exc}): restore it or delete it"
             ) from exc
-        num_splats = _splats_per_row(pq.read_schema(file), file)
+        num_splats = _splats_per_row(meta.schema.to_arrow_schema(), file)
         decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         limit = meta.num_rows * (num_splats * SPLAT_CHANNELS * 4 + MAX_ROW_EXTRA_BYTES)
         if decoded > limit:
