@@ -10,7 +10,7 @@ import torch
 import timm_splat  # noqa: F401  (registers the models)
 from timm_splat.testing import random_splats
 
-FAST = ["splat_vit_test", "splat_vit_s16"]
+FAST = ["splat_vit_test", "splat_vit_mini", "splat_vit_s16"]
 MODELS = [
     pytest.param(name, marks=[] if name in FAST else pytest.mark.slow)
     for name in timm.list_models("splat_vit_*")

@@ -229,13 +229,14 @@ def _cfg(**kwargs):
 # Only untrained cfgs: a tag with a weight source is added here when those weights exist.
 default_cfgs = generate_default_cfgs(
     {
-        f"{name}.untrained": _cfg()
-        for name in (
-            "splat_vit_test",
-            "splat_vit_s16",
-            "splat_vit_b16",
-            "splat_vit_b32",
-            "splat_vit_l14",
+        f"{name}.untrained": _cfg(**extra)
+        for name, extra in (
+            ("splat_vit_test", {}),
+            ("splat_vit_mini", {"input_size": (3, 28, 28)}),
+            ("splat_vit_s16", {}),
+            ("splat_vit_b16", {}),
+            ("splat_vit_b32", {}),
+            ("splat_vit_l14", {}),
         )
     }
 )
@@ -278,6 +279,16 @@ def splat_vit_test(pretrained: bool = False, **kwargs) -> SplatVisionTransformer
     """A tiny splat ViT (width 64, 2 blocks, 49 latents) for tests."""
     args = dict(patch_size=32, embed_dim=64, depth=2, num_heads=2, num_latents=49, **_CLIP)
     return _create("splat_vit_test", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def splat_vit_mini(pretrained: bool = False, **kwargs) -> SplatVisionTransformer:
+    """A miniature CLIP tower for 28x28 inputs (width 128, 4 blocks, 7x7 latents): the
+    student of `timm-splat reproduce` on MNIST-sized images."""
+    args = dict(
+        img_size=28, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_latents=49, **_CLIP
+    )
+    return _create("splat_vit_mini", pretrained, **dict(args, **kwargs))
 
 
 @register_model
