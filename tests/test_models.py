@@ -281,3 +281,93 @@ def test_models_work_without_compiled_kernels():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 1000) False"
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_local_latents_option_trains(local):
+    """local_latents=False: plain Perceiver latents, no locality bias and no parameter for it."""
+    torch.manual_seed(0)
+    model = timm.create_model("splat_vit_test", local_latents=local, num_latents=36)
+    resampler = model.patch_embed.resampler
+    assert resampler.local_latents is local
+    has_key = any(k.endswith("resampler.locality") for k in model.state_dict())
+    assert has_key is local
+    assert model._model_args["local_latents"] is local  # what save_for_hf writes
+    assert f"local_latents={local}" in repr(resampler)
+    s = random_splats(2, 30, dtype=torch.float32, padding=5)
+    out = model(s)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert resampler.latents.grad.abs().sum() > 0
+    if local:
+        assert resampler.locality.grad.abs().sum() > 0
+    with torch.no_grad():  # padding rows still change nothing
+        padded = torch.cat([s, torch.zeros(2, 7, 8)], dim=1)
+        torch.testing.assert_close(model.eval()(padded), model(s), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_latents_do_not_see_positions_through_a_bias():
+    """Without the bias every latent's attention weights depend on content alone: moving the
+    splats (Fourier features aside) changes nothing the bias would have added."""
+    model = timm.create_model("splat_vit_test", local_latents=False)
+    resampler = model.patch_embed.resampler
+    positions = torch.rand(1, 5, 2)
+    mask = torch.tensor([[True, True, False, True, True]])
+    bias = resampler.attention_bias(positions, mask)
+    assert bias.shape == (1, 1, 49, 6)
+    assert torch.equal(bias[..., [0, 1, 3, 4, 5]], torch.zeros(1, 1, 49, 5))
+    assert torch.isneginf(bias[..., 2]).all()
+
+
+def test_local_latents_round_trip_through_timm_files(tmp_path):
+    from timm.models import save_for_hf
+
+    model = timm.create_model("splat_vit_test", local_latents=False, num_latents=36)
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)  # strict load
+    assert not loaded.patch_embed.resampler.local_latents
+    assert loaded.patch_embed.num_patches == 36
+    s = random_splats(2, 30, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(s), loaded.eval()(s))
+    with pytest.raises(ValueError, match="local_latents must be True or False"):
+        timm.create_model("splat_vit_test", local_latents="no")
+
+
+def test_local_latents_survive_from_rgb_and_clip_save_load(rgb_clip, tmp_path):
+    from safetensors.torch import save_file
+
+    from timm_splat import hub
+    from timm_splat.models import load_clip, set_local_latents, uses_local_latents
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=2)
+    student = from_rgb(vit, num_latents=98, local_latents=False)
+    assert not uses_local_latents(student) and student.patch_embed.num_patches == 98
+    assert "locality" not in "".join(student.state_dict())
+
+    clip = from_rgb(rgb_clip, local_latents=False).eval()
+    assert not uses_local_latents(clip)
+    assert not any("locality" in k for k in clip.state_dict())
+    s = random_splats(2, 30, dtype=torch.float32)
+    with torch.no_grad():
+        expected = clip.encode_image(s)
+    # A training run's final folder (weights + run.json) and a Hub folder (open_clip layout).
+    run = tmp_path / "run" / "final"
+    run.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, run / "model.safetensors")
+    (run / "run.json").write_text('{"model": "splat-ViT-test"}')
+    folder = hub.save_pretrained(clip, tmp_path / "hub", model_name="splat-ViT-test")
+    for source in (tmp_path / "run", folder):
+        loaded, _ = load_clip(source)
+        assert not uses_local_latents(loaded), source
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.encode_image(s), expected, rtol=0, atol=0)
+    # The timm layout of the same folder rebuilds the trunk from config.json's model_args.
+    vit = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert not vit.patch_embed.resampler.local_latents
+
+    model, _, _ = timm_splat.create_model_and_transforms("splat-ViT-test", local_latents=False)
+    assert not uses_local_latents(model)
+    set_local_latents(model, True)  # back on: a fresh bias, recorded in the model args
+    assert uses_local_latents(model) and model.visual.trunk._model_args["local_latents"]
+    assert model.visual.trunk.patch_embed.resampler.locality.shape == (2,)

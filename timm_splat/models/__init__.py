@@ -2,7 +2,15 @@
 configs (``splat-ViT-*``); importing :mod:`timm_splat` registers both."""
 
 from .clip import register_open_clip_configs, splat_trunk
-from .convert import STAGES, freeze, from_rgb, set_quick_gelu, uses_quick_gelu
+from .convert import (
+    STAGES,
+    freeze,
+    from_rgb,
+    set_local_latents,
+    set_quick_gelu,
+    uses_local_latents,
+    uses_quick_gelu,
+)
 from .factory import create_model_and_transforms, load_clip
 from .splat_vit import SplatVisionTransformer
 from .stem import GSStem, PerceiverResampler, SplatFeatures
@@ -19,7 +27,9 @@ __all__ = [
     "freeze",
     "from_rgb",
     "load_clip",
+    "set_local_latents",
     "set_quick_gelu",
     "splat_trunk",
+    "uses_local_latents",
     "uses_quick_gelu",
 ]

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 from timm.layers import QuickGELU, resample_abs_pos_embed
+from timm.models._input import update_model_args
 from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
 from torch import nn
 
@@ -24,7 +25,12 @@ _CLIP_CONFIGS = {
 }
 
 
-def from_rgb(rgb: nn.Module, num_latents: int | None = None, num_splats: int = DEFAULT_NUM_SPLATS):
+def from_rgb(
+    rgb: nn.Module,
+    num_latents: int | None = None,
+    num_splats: int = DEFAULT_NUM_SPLATS,
+    local_latents: bool = True,
+):
     """A splat model with the transformer of a pretrained RGB model.
 
     ``rgb``: a timm ``VisionTransformer`` -> a :class:`SplatVisionTransformer` with the same
@@ -32,11 +38,15 @@ def from_rgb(rgb: nn.Module, num_latents: int | None = None, num_splats: int = D
     or an open_clip CLIP with a ViT vision tower -> a ``splat-ViT-*`` CLIP with those and the
     whole text tower and logit scale. Only the GS stem is new (randomly initialised); train it
     with ``freeze(model, "distill")`` first. ``num_latents``: 196 by default for a timm ViT; a
-    CLIP gets its splat config's."""
+    CLIP gets its splat config's. ``local_latents=False``: plain Perceiver latents, without the
+    stem's locality bias (see :func:`set_local_latents`)."""
     if hasattr(rgb, "visual") and hasattr(rgb, "encode_text"):
-        return _clip_from_rgb(rgb, num_latents, num_splats)
+        student = _clip_from_rgb(rgb, num_latents, num_splats)
+        if not local_latents:
+            set_local_latents(student, False)
+        return student
     if isinstance(rgb, VisionTransformer) and not isinstance(rgb, SplatVisionTransformer):
-        student = _vit_like(rgb, num_latents or 196, num_splats)
+        student = _vit_like(rgb, num_latents or 196, num_splats, local_latents)
         _load_vit(student, rgb.state_dict(), rgb.patch_embed.grid_size)
         return student
     raise TypeError(
@@ -45,7 +55,9 @@ def from_rgb(rgb: nn.Module, num_latents: int | None = None, num_splats: int = D
     )
 
 
-def _vit_like(vit: VisionTransformer, num_latents: int, num_splats: int) -> SplatVisionTransformer:
+def _vit_like(
+    vit: VisionTransformer, num_latents: int, num_splats: int, local_latents: bool = True
+) -> SplatVisionTransformer:
     """An untrained splat ViT whose layers have the shapes and types of ``vit``'s."""
     block = vit.blocks[0]
     norm = block.norm1
@@ -71,7 +83,9 @@ def _vit_like(vit: VisionTransformer, num_latents: int, num_splats: int) -> Spla
         norm_layer=partial(type(norm), eps=norm.eps),
         act_layer=type(block.mlp.act),
     )
-    student = SplatVisionTransformer(num_latents=num_latents, num_splats=num_splats, **args)
+    student = SplatVisionTransformer(
+        num_latents=num_latents, num_splats=num_splats, local_latents=local_latents, **args
+    )
     source = getattr(vit, "pretrained_cfg", {}) or {}
     student.pretrained_cfg = student.default_cfg = _cfg(
         architecture=f"splat_vit from {source.get('architecture', type(vit).__name__)}",
@@ -168,6 +182,27 @@ def set_quick_gelu(model: nn.Module) -> None:
     (``run.json["quick_gelu"]``) because the configs cannot."""
     for block in splat_trunk(model).blocks:
         block.mlp.act = QuickGELU()
+
+
+def uses_local_latents(model: nn.Module) -> bool:
+    """True when a splat model's resampler has the locality bias (the default)."""
+    trunk = splat_trunk(model)
+    if trunk is None:
+        raise TypeError(f"not a splat ViT or splat CLIP: {type(model).__name__}")
+    return trunk.patch_embed.resampler.local_latents
+
+
+def set_local_latents(model: nn.Module, enabled: bool) -> None:
+    """Give a splat ViT / CLIP's resampler the locality bias (a fresh one) or plain Perceiver
+    latents (``enabled=False``: no bias, no ``locality`` parameter). Recorded in timm's model
+    args, so ``save_for_hf`` / ``timm_splat.hub`` write it and ``create_model`` rebuilds it;
+    open_clip's configs cannot hold it, so :func:`timm_splat.load_clip` reads it from the saved
+    weights (no ``locality`` key) or the saved config. Use it before building an optimiser."""
+    trunk = splat_trunk(model)
+    if trunk is None:
+        raise TypeError(f"set_local_latents takes a splat ViT or splat CLIP, got {type(model)}")
+    trunk.patch_embed.resampler.set_local_latents(enabled)
+    update_model_args(trunk, local_latents=enabled)
 
 
 # The paper's two stages: 1 distils the stem alone, 2 adds the first two blocks, the final norm

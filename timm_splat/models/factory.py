@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..transforms import SplatTransform
 from .clip import OPEN_CLIP_CONFIG, register_open_clip_configs, splat_trunk
-from .convert import set_quick_gelu
+from .convert import set_local_latents, set_quick_gelu
 from .splat_vit import check_model_size
 
 
@@ -17,16 +17,25 @@ def create_model_and_transforms(model_name: str, pretrained: str | None = None, 
     """``open_clip.create_model_and_transforms`` whose preprocess is a :class:`SplatTransform`
     (the same for training and evaluation: splats need no pixel augmentation here).
 
-    ``num_splats`` (optional) overrides the budget of the model's cfg; the rest goes to
-    open_clip. Returns ``(model, preprocess_train, preprocess_val)``."""
+    ``num_splats`` (optional) overrides the budget of the model's cfg; ``local_latents=False``
+    gives the stem plain Perceiver latents (no locality bias; an untrained model only); the rest
+    goes to open_clip. Returns ``(model, preprocess_train, preprocess_val)``."""
     import open_clip
 
     register_open_clip_configs()
     num_splats = kwargs.pop("num_splats", None)
+    local_latents = kwargs.pop("local_latents", True)
+    if not local_latents and pretrained:
+        raise ValueError(
+            "local_latents=False with pretrained weights: load a model trained without the "
+            "locality bias with timm_splat.load_clip, which reads the setting from its files"
+        )
     model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
     trunk = splat_trunk(model)
     if trunk is None:
         raise ValueError(f"{model_name!r} is not a splat model: use a splat-ViT-* config")
+    if not local_latents:
+        set_local_latents(model, False)
     if num_splats:
         trunk.num_splats = num_splats
     preprocess = SplatTransform.from_config(trunk)
@@ -59,6 +68,33 @@ def _resolve_local(path: Path) -> tuple[Path, dict]:
         )
     run_file = path.parent / "run.json"
     return path, json.loads(run_file.read_text()) if run_file.is_file() else {}
+
+
+# The stem's locality parameter (absent in models trained with local_latents=False).
+_LOCALITY_KEY = "patch_embed.resampler.locality"
+
+
+def _has_locality(weights: Path) -> bool:
+    """Whether a weights file holds the resampler's locality bias (safetensors: header only;
+    other formats are assumed to, as every model had it before the option existed)."""
+    if Path(weights).suffix != ".safetensors":
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return any(key.endswith(_LOCALITY_KEY) for key in f.keys())
+
+
+def _published_weights(pretrained: str, local: Path | None) -> Path | None:
+    """The weights file open_clip loads for a Hub repo or a saved Hub folder, or None."""
+    if local is None:
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        return Path(download_pretrained_from_hf(pretrained.removeprefix("hf-hub:")))
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors"):
+        if (local / name).is_file():
+            return local / name
+    return None
 
 
 def load_clip(
@@ -96,8 +132,16 @@ def load_clip(
             text.get("mlp_ratio", 4.0),
             what=f"the text tower of {pretrained}",
         )
-        model = open_clip.create_model(source, device=device)
         stored = config.get("timm_splat", {})
+        weights = _published_weights(pretrained, local)
+        if weights is not None and not _has_locality(weights):
+            # Trained with plain Perceiver latents: the config builds the locality parameter,
+            # which open_clip's strict load would miss, so it is dropped before loading.
+            model = open_clip.create_model(source, device=device, load_weights=False)
+            set_local_latents(model, False)
+            open_clip.load_checkpoint(model, str(weights), strict=True)
+        else:
+            model = open_clip.create_model(source, device=device)
         name, tokenizer = stored.get("model_name"), source
         if model_name and name and model_name != name:
             raise ValueError(f"{pretrained} holds a {name}, not a {model_name}")
@@ -121,6 +165,8 @@ def load_clip(
             raise ValueError(f"{name!r} is not a splat model: use a splat-ViT-* config")
         if run.get("quick_gelu"):
             set_quick_gelu(model)
+        if weights is not None and not _has_locality(weights):
+            set_local_latents(model, False)  # trained with plain Perceiver latents
         if weights is not None:
             model.load_state_dict(_strip_prefixes(load_file(str(weights))), strict=True)
         model.to(device)

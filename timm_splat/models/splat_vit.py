@@ -59,6 +59,9 @@ class SplatVisionTransformer(VisionTransformer):
         num_latents: tokens the stem's Perceiver resampler makes (196 default, 98 in the paper's
             ablation); they replace the patch tokens.
         num_splats: the budget pixel inputs are fitted with (cfg value by default).
+        local_latents: the resampler's learned locality bias towards each latent's grid cell
+            (default); False gives plain Perceiver latents (the ablation), with no ``locality``
+            parameter.
         stem_args: extra :class:`GSStem` arguments (Fourier frequencies, resampler MLP ratio).
         fit_options: :func:`timm_splat.fit_splats` options for pixel inputs (e.g. iterations).
         **kwargs: ``VisionTransformer`` arguments (depth, embed_dim, num_heads, pre_norm, ...).
@@ -68,6 +71,7 @@ class SplatVisionTransformer(VisionTransformer):
         self,
         num_latents: int = 196,
         num_splats: int = DEFAULT_NUM_SPLATS,
+        local_latents: bool = True,
         stem_args: dict | None = None,
         fit_options: dict | None = None,
         **kwargs,
@@ -85,7 +89,7 @@ class SplatVisionTransformer(VisionTransformer):
             GSStem,
             num_latents=num_latents,
             num_heads=kwargs.get("num_heads", 12),
-            **(stem_args or {}),
+            **{"local_latents": local_latents, **(stem_args or {})},
         )
         super().__init__(embed_layer=stem, **kwargs)
         self.num_splats = num_splats

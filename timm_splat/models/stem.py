@@ -11,7 +11,8 @@ default 196) and their cross-attention carries a learned, per-head locality bias
 soft patch of the image around its cell, which is what the pretrained ViT blocks and the
 position embeddings copied from the RGB model expect at their input; heads can still learn to
 look far (strength near zero). Content attention sees the splats' positions too, through their
-Fourier features.
+Fourier features. ``local_latents=False`` drops the bias (and its parameter): plain Perceiver
+latents, for the ablation against it.
 
 Padding rows (``l11 == 0``) are masked out of the attention, so they never change the output,
 and a learned null key / value keeps an image with no splats at all well defined. The stem has
@@ -34,6 +35,8 @@ from ..splats import COLOR, L11, L21, L22, SPLAT_CHANNELS, XY, splat_mask
 # the stem sees the same scale at any budget; the projection after it is learned.
 _BASE_MEAN = (0.5, 0.5, -3.5, -3.5, 0.0, 0.45, 0.45, 0.45)
 _BASE_STD = (0.29, 0.29, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3)
+# The locality strength before softplus, per head (see PerceiverResampler).
+_LOCALITY_INIT = -0.5
 
 
 def latent_grid(num_latents: int) -> tuple[int, int]:
@@ -87,7 +90,11 @@ class SplatFeatures(nn.Module):
 
 class PerceiverResampler(nn.Module):
     """One cross-attention block from ``num_latents`` learned latents to masked splat tokens,
-    then an MLP on the latents (pre-norm, residual)."""
+    then an MLP on the latents (pre-norm, residual).
+
+    ``local_latents``: bias each latent's attention towards the splats near its grid cell (a
+    learned strength per head, the ``locality`` parameter); False gives plain Perceiver latents
+    (no bias term, no ``locality`` parameter), whose only link to a place is what they learn."""
 
     def __init__(
         self,
@@ -95,6 +102,7 @@ class PerceiverResampler(nn.Module):
         num_latents: int,
         num_heads: int,
         mlp_ratio: float = 2.0,
+        local_latents: bool = True,
         device=None,
         dtype=None,
     ):
@@ -102,6 +110,8 @@ class PerceiverResampler(nn.Module):
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        if not isinstance(local_latents, bool):
+            raise ValueError(f"local_latents must be True or False, got {local_latents!r}")
         self.num_heads = num_heads
         self.grid = latent_grid(num_latents)
         self.latents = nn.Parameter(torch.empty(num_latents, dim, **dd))
@@ -112,7 +122,10 @@ class PerceiverResampler(nn.Module):
         self.null_kv = nn.Parameter(torch.empty(2, dim, **dd))
         self.proj = nn.Linear(dim, dim, **dd)
         # softplus(-0.5) ~ 0.47: a head starts out looking about 1.5 cells around its latent.
-        self.locality = nn.Parameter(torch.full((num_heads,), -0.5, **dd))
+        if local_latents:
+            self.locality = nn.Parameter(torch.full((num_heads,), _LOCALITY_INIT, **dd))
+        else:
+            self.register_parameter("locality", None)
         self.norm_mlp = nn.LayerNorm(dim, **dd)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -129,14 +142,41 @@ class PerceiverResampler(nn.Module):
         nn.init.trunc_normal_(self.latents, std=0.02)
         nn.init.trunc_normal_(self.null_kv, std=0.02)
 
+    @property
+    def local_latents(self) -> bool:
+        """Whether the latents' attention carries the locality bias (see the class doc)."""
+        return self.locality is not None
+
+    def set_local_latents(self, enabled: bool) -> None:
+        """Add (freshly initialised) or remove the locality bias and its parameter."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"local_latents must be True or False, got {enabled!r}")
+        if enabled == self.local_latents:
+            return
+        if enabled:
+            self.locality = nn.Parameter(self.latents.new_full((self.num_heads,), _LOCALITY_INIT))
+        else:
+            del self.locality
+            self.register_parameter("locality", None)
+
+    def extra_repr(self) -> str:
+        return f"num_latents={self.latents.shape[0]}, local_latents={self.local_latents}"
+
     def attention_bias(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``[B, heads, M, N + 1]``: locality in cell units, -inf on padding, 0 for the null key."""
-        rows, cols = self.grid
-        cell = positions.new_tensor([cols, rows])
-        offset = (self.centres[None, :, None, :] - positions[:, None, :, :]) * cell  # [B, M, N, 2]
-        distance2 = offset.square().sum(-1)
-        bias = -F.softplus(self.locality)[None, :, None, None] * distance2[:, None]
-        bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+        """``[B, heads or 1, M, N + 1]``: locality in cell units (when ``local_latents``), -inf
+        on padding, 0 for the null key."""
+        keep = mask[:, None, None, :]  # [B, 1, 1, N]
+        if self.locality is None:
+            bias = torch.zeros_like(keep, dtype=positions.dtype).expand(
+                -1, -1, self.latents.shape[0], -1
+            )
+        else:
+            rows, cols = self.grid
+            cell = positions.new_tensor([cols, rows])
+            offset = (self.centres[None, :, None, :] - positions[:, None, :, :]) * cell
+            distance2 = offset.square().sum(-1)  # [B, M, N]
+            bias = -F.softplus(self.locality)[None, :, None, None] * distance2[:, None]
+        bias = bias.masked_fill(~keep, float("-inf"))
         return F.pad(bias, (0, 1))  # the null key, always visible
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
@@ -175,6 +215,7 @@ class GSStem(nn.Module):
         position_frequencies: int = 8,
         shape_frequencies: int = 4,
         mlp_ratio: float = 2.0,
+        local_latents: bool = True,
         bias: bool = True,
         dynamic_img_pad: bool = False,
         device=None,
@@ -193,7 +234,12 @@ class GSStem(nn.Module):
         self.proj = nn.Linear(self.features.num_features, embed_dim, **dd)
         self.norm = nn.LayerNorm(embed_dim, **dd)
         self.resampler = PerceiverResampler(
-            embed_dim, num_latents, num_heads or max(1, embed_dim // 64), mlp_ratio, **dd
+            embed_dim,
+            num_latents,
+            num_heads or max(1, embed_dim // 64),
+            mlp_ratio,
+            local_latents=local_latents,
+            **dd,
         )
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
