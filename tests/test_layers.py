@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "timm_splat"
 # Lowest first. A unit is a top-level module or subpackage of timm_splat.
 LAYERS = [
     {"splats", "images", "samples", "extension", "reference", "resources", "version"},
-    {"ops", "testing", "augment"},
+    {"ops", "testing", "augment", "codec"},
     {"fitting_init", "report"},
     {"fitting"},
     {"transforms"},

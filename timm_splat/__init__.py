@@ -1,5 +1,6 @@
 """timm-splat: vision(-language) models that read 2D Gaussian splats instead of pixels."""
 
+from .codec import decode, encode
 from .fitting import FitConfig, FitResult, fit_splats, psnr
 from .ops import render_splats
 from .splats import (
@@ -22,6 +23,8 @@ __all__ = [
     "FitResult",
     "__version__",
     "compression_ratio",
+    "decode",
+    "encode",
     "fit_splats",
     "from_fp16_bytes",
     "load_splats",

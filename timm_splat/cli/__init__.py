@@ -12,6 +12,8 @@ import sys
 COMMANDS = {
     "demo": "demo",
     "fit": "fit",
+    "encode": "encode",
+    "decode": "decode",
     "build": "build",
     "prefit": "prefit",
     "train": "train",
@@ -21,6 +23,8 @@ COMMANDS = {
 HELP = {
     "demo": "fit scikit-image's sample photos at several budgets",
     "fit": "fit splats to image files",
+    "encode": "compact .splat files (the codec) from images or splat files",
+    "decode": "render .splat files (and write them as fp16 splat files)",
     "build": "compile the renderer kernels now (else: on first use)",
     "prefit": "fit a dataset once into parquet shards of splats",
     "train": "train a splat CLIP (stage distill, then clip)",
