@@ -124,3 +124,69 @@ def test_compile_fullgraph():
     x = splats(2)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+def pixels(model, batch: int = 2, size: int = 32) -> torch.Tensor:
+    """Images normalised with the model's data config, as timm's pipelines feed them."""
+    return (torch.rand(batch, 3, size, size) - model.pixel_mean) / model.pixel_std
+
+
+def test_compile_on_pixels_fits_eagerly_and_fullgraph_says_why():
+    """The pixel path fits splats with an optimiser (autograd steps, data-dependent pruning),
+    which no graph capture can hold: torch.compile breaks the graph there and compiles the rest;
+    fullgraph=True and torch.export raise with the reason and the way out (splat inputs)."""
+    model = timm.create_model("splat_vit_test", num_splats=16, fit_options={"iterations": 5})
+    model.eval()
+    x, s = pixels(model), splats(2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.compile(model, backend="eager")(x), expected)
+        torch._dynamo.reset()
+        torch.testing.assert_close(
+            torch.compile(model, backend="eager", fullgraph=True)(s), model(s)
+        )
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="fit pixel inputs with an optimiser"):
+            torch.compile(model, backend="eager", fullgraph=True)(x)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="compile or export the model on splats"):
+            torch.export.export(model, (x,))
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_on_pixels_with_inductor():
+    model = timm.create_model("splat_vit_test", num_splats=16, fit_options={"iterations": 5})
+    model.eval()
+    x = pixels(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_onnx_export_on_splats():
+    """torch.onnx.export(dynamo=True) of the splat path (needs onnx and onnxscript, which are
+    not dependencies; onnxruntime, when there, checks the outputs). Pixel inputs cannot be
+    exported (see the compile test)."""
+    pytest.importorskip("onnxscript")
+    model = timm.create_model("splat_vit_test").eval()
+    x = splats(2)
+    program = torch.onnx.export(model, (x,), dynamo=True)
+    assert program is not None
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torchscript_is_refused_with_the_way_out():
+    """timm's test_model_forward_torchscript scripts every model: TorchScript is deprecated in
+    PyTorch 2 and cannot hold the pixel path's fitter, so splat models refuse it up front (not
+    with an error about a constant inside the stem), naming torch.compile / torch.export."""
+    model = timm.create_model("splat_vit_test").eval()
+    for module in (model, model.patch_embed):
+        with pytest.raises(RuntimeError, match="do not support TorchScript.*torch.compile"):
+            torch.jit.script(module)

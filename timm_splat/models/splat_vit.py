@@ -31,7 +31,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..fitting import fit_splats, resolve_config
 from ..splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS
-from .stem import GSStem
+from .stem import NO_TORCHSCRIPT, GSStem
 
 # No splat ViT is near this (splat_vit_l14: 0.3B); a config asking for more was most likely
 # edited or corrupted, and would allocate tens of GB before anything could check it.
@@ -50,6 +50,16 @@ def check_model_size(width, depth, mlp_ratio=4.0, what: str = "the splat ViT") -
             f"depth {depth}), more than {MAX_PARAMETERS / 1e9:.0f}B: the config is probably "
             "edited or corrupt; refusing to allocate it"
         )
+
+
+# Why the pixel path is left out of torch.compile graphs (and what to do instead).
+_NOT_CAPTURED = (
+    "splat ViTs fit pixel inputs with an optimiser (autograd steps, data-dependent pruning), "
+    "which torch.compile(fullgraph=True), torch.export and torch.onnx.export cannot capture: "
+    "compile or export the model on splats [B, N, 8] (fit them first with "
+    "timm_splat.fit_splats or timm_splat.SplatTransform), or use torch.compile without "
+    "fullgraph, which runs the fit eagerly"
+)
 
 
 class SplatVisionTransformer(VisionTransformer):
@@ -102,6 +112,9 @@ class SplatVisionTransformer(VisionTransformer):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(NO_TORCHSCRIPT)
+
     @property
     def num_splats(self) -> int:
         """The splat budget: what pixel inputs are fitted with and what the weights expect.
@@ -126,9 +139,14 @@ class SplatVisionTransformer(VisionTransformer):
         self.pixel_mean.copy_(torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.pixel_std.copy_(torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
+    @torch.compiler.disable(reason=_NOT_CAPTURED)
     @torch.no_grad()
     def fit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels ``[B, 3, H, W]`` -> splats ``[B, num_splats, 8]`` on their device."""
+        """Normalised pixels ``[B, 3, H, W]`` -> splats ``[B, num_splats, 8]`` on their device.
+
+        Always eager: ``torch.compile(model)`` breaks the graph here and compiles the rest;
+        ``fullgraph=True``, ``torch.export`` and ONNX export of pixel inputs raise (see
+        ``_NOT_CAPTURED``)."""
         images = pixels.float() * self.pixel_std + self.pixel_mean
         low, high = (float(v) for v in torch.aminmax(images))
         # Normalised noise (what timm's tests and tools feed, torch.randn) un-normalises to about
@@ -149,6 +167,8 @@ class SplatVisionTransformer(VisionTransformer):
         if is_fx_symbolic_tracing():  # timm's FX feature extraction traces splat inputs only
             return x
         if x.dim() == 4 and x.shape[1] == 3:
+            if torch.compiler.is_exporting():  # the fit would fail deep inside, less clearly
+                raise RuntimeError(_NOT_CAPTURED)
             return self.fit_pixels(x)
         if x.dim() != 3 or x.shape[-1] != SPLAT_CHANNELS:
             raise ValueError(

@@ -39,6 +39,16 @@ _BASE_STD = (0.29, 0.29, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3)
 _LOCALITY_INIT = -0.5
 
 
+# torch.jit.script calls __prepare_scriptable__ on every module first: the splat models answer
+# with this instead of a TorchScript error about a constant deep in the stem.
+NO_TORCHSCRIPT = (
+    "splat models do not support TorchScript (torch.jit.script, open_clip's jit=True, "
+    "--torchscript): TorchScript is deprecated in PyTorch 2 and cannot hold the pixel path's "
+    "fitter. Use torch.compile(model) or torch.export.export(model, (splats,)) on splats "
+    "[B, N, 8] instead (see README, 'Models')"
+)
+
+
 def latent_grid(num_latents: int) -> tuple[int, int]:
     """Rows x cols of the latent cells: the squarest factorisation (14 x 14 for 196, 7 x 14
     for 98)."""
@@ -241,6 +251,9 @@ class GSStem(nn.Module):
             local_latents=local_latents,
             **dd,
         )
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(NO_TORCHSCRIPT)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """timm's resize hook: records the pixel size splats are fitted from. The tokens are the
