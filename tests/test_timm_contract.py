@@ -190,3 +190,35 @@ def test_torchscript_is_refused_with_the_way_out():
     for module in (model, model.patch_embed):
         with pytest.raises(RuntimeError, match="do not support TorchScript.*torch.compile"):
             torch.jit.script(module)
+
+
+def test_timm_create_dataset_cannot_read_prefit_splats_load_prefit_can(tmp_path, monkeypatch):
+    """timm's hfds reader reads an ``image`` column and has no hook for another reader, so a
+    pre-fitted dataset fails at its first item (what the README tells users, pointing them to
+    load_prefit / PrefitSplats). If timm ever reads it, this test says the README is stale."""
+    import numpy as np
+    from datasets import Dataset
+    from timm.data import create_dataset
+
+    from timm_splat.data import load_prefit, prefit_features
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "gs4"
+    (folder / "data").mkdir(parents=True)
+    rows = {
+        "splats": np.zeros((2, 4, 8), np.float16),
+        "label": [0, 1],
+        "caption": ["a", "b"],
+        "source_id": ["0", "1"],
+        "psnr": [30.0, 31.0],
+    }
+    features = prefit_features(4, ["cat", "dog"])
+    Dataset.from_dict(rows, features=features).to_parquet(
+        str(folder / "data" / "train-00000-00000.parquet")
+    )
+    dataset = create_dataset(f"hfds/{folder}", root=str(tmp_path / "cache"), split="train")
+    with pytest.raises(TypeError, match="NoneType"):
+        dataset[0]
+    loaded = load_prefit(folder, cache_dir=str(tmp_path / "cache2"))
+    assert loaded[0]["splats"].shape == (4, 8) and loaded[1]["label"] == 1
