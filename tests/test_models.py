@@ -357,11 +357,13 @@ def test_local_latents_survive_from_rgb_and_clip_save_load(rgb_clip, tmp_path):
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, run / "model.safetensors")
     (run / "run.json").write_text('{"model": "splat-ViT-test"}')
     folder = hub.save_pretrained(clip, tmp_path / "hub", model_name="splat-ViT-test")
-    for source in (tmp_path / "run", folder):
-        loaded, _ = load_clip(source)
+    plain = open_clip.create_model(f"local-dir:{folder}")  # open_clip alone, strict load
+    for source in (tmp_path / "run", folder, plain):
+        loaded = load_clip(source)[0] if not isinstance(source, torch.nn.Module) else source
         assert not uses_local_latents(loaded), source
+        assert loaded.visual.trunk._model_args["local_latents"] is False  # save_for_hf's args
         with torch.no_grad():
-            torch.testing.assert_close(loaded.encode_image(s), expected, rtol=0, atol=0)
+            torch.testing.assert_close(loaded.eval().encode_image(s), expected, rtol=0, atol=0)
     # The timm layout of the same folder rebuilds the trunk from config.json's model_args.
     vit = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert not vit.patch_embed.resampler.local_latents
@@ -371,3 +373,22 @@ def test_local_latents_survive_from_rgb_and_clip_save_load(rgb_clip, tmp_path):
     set_local_latents(model, True)  # back on: a fresh bias, recorded in the model args
     assert uses_local_latents(model) and model.visual.trunk._model_args["local_latents"]
     assert model.visual.trunk.patch_embed.resampler.locality.shape == (2,)
+
+
+def test_loading_weights_switches_the_locality_bias_to_match():
+    """A state dict with the resampler's latents decides whether it has the locality bias; one
+    without the resampler (from_rgb's: blocks only) leaves the new stem as it is."""
+    plain = timm.create_model("splat_vit_test", local_latents=False)
+    local = timm.create_model("splat_vit_test")
+    with torch.no_grad():
+        local.patch_embed.resampler.locality.fill_(0.25)
+    model = timm.create_model("splat_vit_test")
+    model.load_state_dict(plain.state_dict())
+    assert not model.patch_embed.resampler.local_latents
+    model.load_state_dict(local.state_dict())
+    assert model.patch_embed.resampler.local_latents
+    assert torch.equal(model.patch_embed.resampler.locality, torch.full((2,), 0.25))
+    assert model._model_args["local_latents"] is True
+    blocks_only = {k: v for k, v in plain.state_dict().items() if not k.startswith("patch_")}
+    model.load_state_dict(blocks_only, strict=False)
+    assert model.patch_embed.resampler.local_latents

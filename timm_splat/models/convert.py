@@ -196,8 +196,9 @@ def set_local_latents(model: nn.Module, enabled: bool) -> None:
     """Give a splat ViT / CLIP's resampler the locality bias (a fresh one) or plain Perceiver
     latents (``enabled=False``: no bias, no ``locality`` parameter). Recorded in timm's model
     args, so ``save_for_hf`` / ``timm_splat.hub`` write it and ``create_model`` rebuilds it;
-    open_clip's configs cannot hold it, so :func:`timm_splat.load_clip` reads it from the saved
-    weights (no ``locality`` key) or the saved config. Use it before building an optimiser."""
+    open_clip's configs cannot hold it, but loading a state dict switches the stem to match the
+    weights (no ``locality`` key: plain latents), so open_clip's loaders, ``load_state_dict`` and
+    :func:`timm_splat.load_clip` rebuild what was saved. Use it before building an optimiser."""
     trunk = splat_trunk(model)
     if trunk is None:
         raise TypeError(f"set_local_latents takes a splat ViT or splat CLIP, got {type(model)}")

@@ -70,33 +70,6 @@ def _resolve_local(path: Path) -> tuple[Path, dict]:
     return path, json.loads(run_file.read_text()) if run_file.is_file() else {}
 
 
-# The stem's locality parameter (absent in models trained with local_latents=False).
-_LOCALITY_KEY = "patch_embed.resampler.locality"
-
-
-def _has_locality(weights: Path) -> bool:
-    """Whether a weights file holds the resampler's locality bias (safetensors: header only;
-    other formats are assumed to, as every model had it before the option existed)."""
-    if Path(weights).suffix != ".safetensors":
-        return True
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        return any(key.endswith(_LOCALITY_KEY) for key in f.keys())
-
-
-def _published_weights(pretrained: str, local: Path | None) -> Path | None:
-    """The weights file open_clip loads for a Hub repo or a saved Hub folder, or None."""
-    if local is None:
-        from open_clip.pretrained import download_pretrained_from_hf
-
-        return Path(download_pretrained_from_hf(pretrained.removeprefix("hf-hub:")))
-    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors"):
-        if (local / name).is_file():
-            return local / name
-    return None
-
-
 def load_clip(
     pretrained=None, model_name: str | None = None, *, num_splats: int | None = None, device="cpu"
 ):
@@ -132,16 +105,9 @@ def load_clip(
             text.get("mlp_ratio", 4.0),
             what=f"the text tower of {pretrained}",
         )
+        # Weights saved with local_latents=False switch the stem to match as they load.
+        model = open_clip.create_model(source, device=device)
         stored = config.get("timm_splat", {})
-        weights = _published_weights(pretrained, local)
-        if weights is not None and not _has_locality(weights):
-            # Trained with plain Perceiver latents: the config builds the locality parameter,
-            # which open_clip's strict load would miss, so it is dropped before loading.
-            model = open_clip.create_model(source, device=device, load_weights=False)
-            set_local_latents(model, False)
-            open_clip.load_checkpoint(model, str(weights), strict=True)
-        else:
-            model = open_clip.create_model(source, device=device)
         name, tokenizer = stored.get("model_name"), source
         if model_name and name and model_name != name:
             raise ValueError(f"{pretrained} holds a {name}, not a {model_name}")
@@ -165,8 +131,6 @@ def load_clip(
             raise ValueError(f"{name!r} is not a splat model: use a splat-ViT-* config")
         if run.get("quick_gelu"):
             set_quick_gelu(model)
-        if weights is not None and not _has_locality(weights):
-            set_local_latents(model, False)  # trained with plain Perceiver latents
         if weights is not None:
             model.load_state_dict(_strip_prefixes(load_file(str(weights))), strict=True)
         model.to(device)

@@ -111,6 +111,7 @@ class SplatVisionTransformer(VisionTransformer):
         std = torch.tensor(OPENAI_CLIP_STD, device=device).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+        self.register_load_state_dict_post_hook(_record_local_latents)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(NO_TORCHSCRIPT)
@@ -230,6 +231,14 @@ class SplatVisionTransformer(VisionTransformer):
         if return_prefix_tokens and self.num_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))
         return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+
+def _record_local_latents(model: SplatVisionTransformer, incompatible_keys) -> None:
+    """After a load (which may switch the stem's locality bias to match the weights), keep
+    timm's model args in step, so ``save_for_hf`` writes what the model now is."""
+    local = model.patch_embed.resampler.local_latents
+    if getattr(model, "_model_args", {}).get("local_latents", True) != local:
+        update_model_args(model, local_latents=local)
 
 
 def _cfg(**kwargs):

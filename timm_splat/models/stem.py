@@ -169,6 +169,16 @@ class PerceiverResampler(nn.Module):
             del self.locality
             self.register_parameter("locality", None)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The bias follows the weights: a state dict with this resampler's latents but no
+        # locality was saved with local_latents=False (and the converse), so every loader
+        # (open_clip's hf-hub and file paths, timm's, load_state_dict) rebuilds what was saved.
+        # A state dict without the resampler (from_rgb's, which keeps the new stem) changes
+        # nothing.
+        if prefix + "latents" in state_dict:
+            self.set_local_latents(prefix + "locality" in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"num_latents={self.latents.shape[0]}, local_latents={self.local_latents}"
 
