@@ -234,6 +234,32 @@ def test_state_dict_round_trip(tmp_path):
                 assert torch.equal(a, b)
 
 
+def test_zero_shot_classifier_and_open_clip_train_eval_loop():
+    """open_clip's zero-shot pieces: build_zero_shot_classifier from class names and templates,
+    then what open_clip_train's zero_shot.run does with a batch (model(image=...), logits
+    against the classifier). Its accuracy() fails on numpy 2 (float() of a 1-element array), so
+    top-k is counted here."""
+    seed_all()
+    model, _, _ = create("splat-ViT-test")
+    tokenizer = open_clip.get_tokenizer("splat-ViT-test")
+    classnames = open_clip.IMAGENET_CLASSNAMES[:5]
+    with torch.no_grad():
+        classifier = open_clip.build_zero_shot_classifier(
+            model.eval(), tokenizer, classnames, open_clip.SIMPLE_IMAGENET_TEMPLATES
+        )
+    assert classifier.shape == (32, 5)
+    torch.testing.assert_close(classifier.norm(dim=0), torch.ones(5))
+    splats, target = random_splats(6, 40, dtype=torch.float32), torch.arange(6) % 5
+    with torch.no_grad():
+        output = model(image=splats)
+    image_features = output["image_features"] if isinstance(output, dict) else output[0]
+    logits = 100.0 * image_features @ classifier
+    assert logits.shape == (6, 5) and torch.isfinite(logits).all()
+    torch.testing.assert_close(image_features.norm(dim=-1), torch.ones(6))
+    top5 = logits.topk(5).indices.eq(target[:, None]).any(-1)
+    assert top5.all()  # five classes: top-5 always hits
+
+
 def test_forward_intermediates_through_open_clip():
     model, _, _ = create("splat-ViT-test")
     splats = random_splats(2, 40, dtype=torch.float32)
@@ -274,7 +300,9 @@ def placeholder(attr):
         raise AttributeError(attr)
     return type(attr, (), {})
 missing = [name for name in ("braceexpand", "webdataset") if not importlib.util.find_spec(name)]
-for name in missing + (["webdataset.filters", "webdataset.tariterators"] * ("webdataset" in missing)):
+if "webdataset" in missing:
+    missing += ["webdataset.filters", "webdataset.tariterators"]
+for name in missing:
     sys.modules[name] = types.ModuleType(name)
     sys.modules[name].__getattr__ = placeholder
 """
