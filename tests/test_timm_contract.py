@@ -182,6 +182,22 @@ def test_onnx_export_on_splats():
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_jit_trace_on_splats_and_not_on_pixels():
+    """torch.jit.trace (open_clip's --trace) records the splat path; on pixels it would bake one
+    fit into the graph, so it raises instead."""
+    import warnings
+
+    model = timm.create_model("splat_vit_test").eval()
+    x = splats(2)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about the input checks
+        traced = torch.jit.trace(model, (x,))
+        other = random_splats(2, 64, dtype=torch.float32, seed=1)
+        torch.testing.assert_close(traced(other), model(other))
+        with pytest.raises(RuntimeError, match="fit pixel inputs with an optimiser"):
+            torch.jit.trace(model, (pixels(model),))
+
+
 def test_torchscript_is_refused_with_the_way_out():
     """timm's test_model_forward_torchscript scripts every model: TorchScript is deprecated in
     PyTorch 2 and cannot hold the pixel path's fitter, so splat models refuse it up front (not

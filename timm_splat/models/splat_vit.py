@@ -55,7 +55,8 @@ def check_model_size(width, depth, mlp_ratio=4.0, what: str = "the splat ViT") -
 # Why the pixel path is left out of torch.compile graphs (and what to do instead).
 _NOT_CAPTURED = (
     "splat ViTs fit pixel inputs with an optimiser (autograd steps, data-dependent pruning), "
-    "which torch.compile(fullgraph=True), torch.export and torch.onnx.export cannot capture: "
+    "which torch.compile(fullgraph=True), torch.export, torch.onnx.export and torch.jit.trace "
+    "cannot capture: "
     "compile or export the model on splats [B, N, 8] (fit them first with "
     "timm_splat.fit_splats or timm_splat.SplatTransform), or use torch.compile without "
     "fullgraph, which runs the fit eagerly"
@@ -168,7 +169,9 @@ class SplatVisionTransformer(VisionTransformer):
         if is_fx_symbolic_tracing():  # timm's FX feature extraction traces splat inputs only
             return x
         if x.dim() == 4 and x.shape[1] == 3:
-            if torch.compiler.is_exporting():  # the fit would fail deep inside, less clearly
+            # Export would fail deep inside the fit, less clearly; a trace would bake one
+            # image's fit (its pruning, its steps) into the graph and be wrong for the next.
+            if torch.compiler.is_exporting() or torch.jit.is_tracing():
                 raise RuntimeError(_NOT_CAPTURED)
             return self.fit_pixels(x)
         if x.dim() != 3 or x.shape[-1] != SPLAT_CHANNELS:
