@@ -56,6 +56,9 @@ METHODS = {"stored": STORED, "zlib": ZLIB, "lzma": LZMA}
 COLUMNS = 7  # morton deltas, log l11, log l22, shear, Y, Co, Cg
 # |q| stays below 2^24 so that q * 2^-k is exact in float32 (the idempotent round trip).
 MAX_Q = 1 << 24
+# The shear is stored times l22: float32's rounding of that product (2^-24 relative) must stay
+# below half a grid step for the round trip to be exact.
+MAX_SHEAR_Q = 1 << 20
 MAX_BITS = 20
 # The largest payload a count allows: every column's varint minimum (10 bytes), width byte and
 # 8 planes.
@@ -103,12 +106,12 @@ def _spec(spec: CodecSpec | None, overrides: dict) -> CodecSpec:
     return _check_spec((spec or DEFAULT_SPEC)._replace(**overrides))
 
 
-def _round(values: np.ndarray, bits: int, what: str) -> np.ndarray:
+def _round(values: np.ndarray, bits: int, what: str, limit: int = MAX_Q) -> np.ndarray:
     q = np.rint(values.astype(np.float64) * 2.0**bits)
-    if q.size and np.abs(q).max() >= MAX_Q:
+    if q.size and not np.abs(q).max() < limit:
         raise ValueError(
             f"{what} {np.abs(values).max():g} is beyond the codec's range at {bits} bits "
-            f"(|value| * 2^bits < 2^24)"
+            f"(|value| * 2^bits < 2^{limit.bit_length() - 1})"
         )
     return q.astype(np.int64)
 
@@ -129,7 +132,7 @@ def quantize_integers(splats: torch.Tensor, spec: CodecSpec) -> np.ndarray:
     q[:, 1] = _round(y, spec.position_bits, "position")
     q[:, 2] = np.maximum(_round(np.log(l11), spec.scale_bits, "log l11"), scale_floor)
     q[:, 3] = np.maximum(_round(np.log(l22), spec.scale_bits, "log l22"), scale_floor)
-    q[:, 4] = _round(l21 / l22, spec.shear_bits, "shear l21 / l22")
+    q[:, 4] = _round(l21 / l22, spec.shear_bits, "shear l21 / l22", MAX_SHEAR_Q)
     q[:, 5:] = _round(values[:, 5:], spec.colour_bits, "colour")
     return q
 
@@ -391,7 +394,7 @@ def decode(data: bytes) -> torch.Tensor:
     q[:, 0], q[:, 1] = dx + xmin, dy + ymin
     q[:, 2], q[:, 3], q[:, 4] = columns[1:4]
     q[:, 5:] = _rgb(np.stack(columns[4:], 1)) if count else 0
-    if count and np.abs(q).max() >= MAX_Q:
+    if count and (np.abs(q).max() >= MAX_Q or np.abs(q[:, 4]).max() >= MAX_SHEAR_Q):
         raise ValueError("the splat payload holds a value beyond the codec's range")
     if count and q[:, 2:4].min() < _scale_floor(spec):
         raise ValueError(f"the splat payload holds a splat thinner than {MIN_CHOLESKY:g}")
