@@ -288,3 +288,29 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, command):
     assert main([command, str(target), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"timm-splat {command}: error:") and "\n" not in err
+
+
+# -- quantisation-aware refinement -------------------------------------------------------------
+
+
+def test_refine_quantized_beats_plain_rounding(astronaut_64):
+    from timm_splat import fit_splats
+    from timm_splat.codec_refine import refine_quantized
+    from timm_splat.images import to_rgb_tensors
+
+    image = to_rgb_tensors([astronaut_64])[0][None]
+    fitted = fit_splats(image, num_splats=48, iterations=30).splats
+    spec = CodecSpec(8, 3, 2, 5)  # coarse grids: rounding costs a lot
+    plain = quantize(fitted[0], spec)
+    refined = refine_quantized(image, fitted, spec, steps=12)
+    assert refined.shape == fitted.shape
+    real = refined[0][splat_mask(refined[0])]
+    assert torch.equal(quantize(real, spec), real)  # on the grids: the codec keeps them
+    assert torch.equal(decode(encode(real, spec)), real)
+
+    def error(s):
+        return (render_splats(s, 64, 64) - image[0]).square().mean()
+
+    assert error(real) < error(plain)
+    with pytest.raises(ValueError, match="steps"):
+        refine_quantized(image, fitted, spec, steps=-1)
