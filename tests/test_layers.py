@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "timm_splat"
 LAYERS = [
     {"splats", "images", "samples", "extension", "reference", "resources", "version"},
     {"ops", "testing", "augment", "codec"},
-    {"fitting_init", "report"},
+    {"fitting_init", "report", "codec_refine"},
     {"fitting"},
     {"transforms"},
     {"models", "data"},
