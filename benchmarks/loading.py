@@ -136,7 +136,7 @@ def main() -> None:
             fitted = fit_splats(small, num_splats=budget, progress=False).splats
             folder = tmp / f"prefit{budget}"
             write_prefit(folder, fitted, args.items)
-            prefit = Prefit(load_prefit(folder, "train"))
+            prefit = Prefit(load_prefit(folder, "train", cache_dir=str(tmp / "hf")))
             fp16 = rate(prefit, args.workers, args.batch_size, args.passes)
             blobs = [encode(fitted[i % len(fitted)]) for i in range(args.items)]
             table = pa.table({"splat": pa.array(blobs, pa.binary())})
