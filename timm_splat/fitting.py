@@ -2,9 +2,10 @@
 
 Images of one size are fitted together in one batch, so every renderer call covers the whole
 batch. The default algorithm (docs/fitting.md): splats placed by the image-gradient density,
-colours solved by least squares, 120 Adam steps during which the dimmest splats are moved to
-where the error is largest. ``FitConfig.preset("paper")``: the paper's pipeline, a grid at 1.5x
-the budget pruned by luminance down to ``num_splats`` over 600 steps. Either way splats whose
+colours solved by least squares, 150 Adam steps during which the dimmest splats are moved to
+where the error is largest, colours solved again at the end. ``FitConfig.preset("paper")``: the
+paper's pipeline, a grid at 1.5x the budget pruned by luminance down to ``num_splats`` over 600
+steps. Either way splats whose
 luminance falls under ``prune_threshold`` are dropped, which is why a result may hold fewer
 splats (padded with zero rows).
 """
@@ -30,11 +31,11 @@ from .splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS, luminance, pack_real_fir
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Every knob of the fitter. The defaults are the algorithm of docs/fitting.md (adaptive
-    placement, colour solves, relocation of dim splats to the largest errors, 120 Adam steps);
+    placement, colour solves, relocation of dim splats to the largest errors, 150 Adam steps);
     ``FitConfig.preset("paper")`` is the paper's pipeline as first implemented here."""
 
     num_splats: int = DEFAULT_NUM_SPLATS
-    iterations: int = 120
+    iterations: int = 150
     init: str = "adaptive"  # "adaptive" (image-gradient density), "grid" (the paper's) or "random"
     init_scale: float = 1.0  # start with this many times num_splats, prune down to num_splats
     init_sigma: float = 0.6  # std-dev at init, in (local) splat spacings
@@ -47,6 +48,7 @@ class FitConfig:
     relocate_fraction: float = 0.2  # share of the splats moved per relocation
     relocate_sigma: float = 0.15  # std-dev of a moved splat, in mean splat spacings
     relocate_solve: int = 1  # CG steps of the colour solve after each relocation
+    final_solve: int = 3  # CG steps of the colour solve after the last Adam step (0: none)
     prune_start: float = 0.1  # prune events run between these fractions of the iterations
     prune_end: float = 0.6
     prune_every: int = 50
@@ -55,6 +57,7 @@ class FitConfig:
     lr_shape: float = 0.15  # per step, for log(l11), log(l22) and l21 / initial sigma
     lr_color: float = 0.04
     lr_final: float = 0.1  # cosine decay to this fraction of each learning rate
+    adam_beta2: float = 0.9  # Adam's second-moment decay (the paper's pipeline: 0.999)
     l1_color: float = 1e-6  # lambda of the L1 penalty on colours (the paper's lambda_reg)
     batch_size: int = 64  # images fitted per batch (memory grows linearly with it)
     max_size: int = 1024  # longer side larger images are fitted at (splats are resolution-free)
@@ -84,10 +87,12 @@ class FitConfig:
             "relocate_fraction": 0 <= self.relocate_fraction <= 1,
             "relocate_sigma": self.relocate_sigma > 0,
             "relocate_solve": self.relocate_solve >= 0,
+            "final_solve": self.final_solve >= 0,
             "prune_start": 0.0 <= self.prune_start <= self.prune_end <= 1.0,
             "prune_every": self.prune_every >= 1,
             "prune_threshold": self.prune_threshold >= 0,
             "lr_final": 0 <= self.lr_final <= 1,
+            "adam_beta2": 0 <= self.adam_beta2 < 1,
             "batch_size": self.batch_size >= 1,
             "max_size": self.max_size >= 1,
             "lr_position": self.lr_position >= 0,
@@ -119,6 +124,7 @@ PRESETS: dict[str, dict] = {
         init_sigma=0.6,
         color_solve=0,
         relocate_every=0,
+        final_solve=0,
         prune_start=0.1,
         prune_end=0.6,
         prune_every=50,
@@ -127,6 +133,7 @@ PRESETS: dict[str, dict] = {
         lr_shape=0.05,
         lr_color=0.02,
         lr_final=0.02,
+        adam_beta2=0.999,
         l1_color=1e-6,
     ),
 }
@@ -277,7 +284,7 @@ def _fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
         + [cfg.lr_color] * 3,
         device=raw.device,
     )
-    adam = _Adam(raw, lr)
+    adam = _Adam(raw, lr, betas=(0.9, cfg.adam_beta2))
     schedule = _prune_schedule(raw.shape[1], cfg)
     moves = set()
     if cfg.relocate_every and cfg.relocate_fraction > 0:
@@ -313,7 +320,11 @@ def _fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
         bar.update(batch)
     if raw.shape[1] > cfg.num_splats:  # fewer iterations than prune events
         raw, live = _prune(raw, live, adam, cfg.num_splats, cfg.prune_threshold)
-    final = pack_real_first(_raw_to_splats(raw) * live)
+    final = _raw_to_splats(raw) * live
+    if cfg.final_solve:
+        with torch.no_grad():
+            final = solve_colors(final, targets, cfg.final_solve, backend) * live
+    final = pack_real_first(final)
     with torch.no_grad():
         quality = psnr(ops.render(final, height, width, backend), targets)
     return final, quality
