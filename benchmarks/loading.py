@@ -82,8 +82,9 @@ def write_prefit(folder: Path, splats: torch.Tensor, items: int) -> None:
     writer = ShardWriter(folder, "train", 0, prefit_features(num_splats), journal, None)
     half = splats.half().numpy()
     counts = splat_count(splats).tolist()
+    photos = len(half)
     rows = [
-        Row(i, f"photo{i % len(half)}", i % 10, None, half[i % len(half)], 30.0, counts[i % 14])
+        Row(i, f"photo{i % photos}", i % 10, None, half[i % photos], 30.0, counts[i % photos])
         for i in range(items)
     ]
     for start in range(0, items, 256):
