@@ -23,6 +23,7 @@ LAYERS = [
     # The application: checkpoints, programs as functions, then the command line.
     {"checkpoints"},
     {"training", "evaluation"},
+    {"reproduce"},
     {"cli"},
 ]
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}

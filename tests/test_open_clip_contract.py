@@ -28,7 +28,7 @@ import timm_splat
 from timm_splat.models.stem import NO_TORCHSCRIPT
 from timm_splat.testing import random_splats
 
-FAST = ["splat-ViT-test", "splat-ViT-Mini-4"]
+FAST = ["splat-ViT-test", "splat-ViT-Mini-7"]
 MODELS = [
     pytest.param(name, marks=[] if name in FAST else pytest.mark.slow)
     for name in sorted(open_clip.list_models())
@@ -130,11 +130,11 @@ def test_inference_simple(name):
 def test_splat_preprocess_matches_the_pixel_path(astronaut_64):
     """timm_splat.create_model_and_transforms hands out a SplatTransform: the same model reads
     its splats, and open_clip's pixel preprocess of the same image gives finite features too."""
-    model, _, preprocess = timm_splat.create_model_and_transforms("splat-ViT-Mini-4")
+    model, _, preprocess = timm_splat.create_model_and_transforms("splat-ViT-Mini-7")
     assert isinstance(preprocess, timm_splat.SplatTransform)
     splats = preprocess(astronaut_64)
     assert splats.shape == (model.visual.trunk.num_splats, 8)
-    _, _, pixel_preprocess = open_clip.create_model_and_transforms("splat-ViT-Mini-4")
+    _, _, pixel_preprocess = open_clip.create_model_and_transforms("splat-ViT-Mini-7")
     small_budget(model.eval())
     with torch.no_grad():
         from_splats = model.encode_image(splats[None])

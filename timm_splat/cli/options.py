@@ -30,9 +30,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class) -> None:
         required = (
             field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         )
-        if not required and field.default is not None:
-            extra["help"] = f"{extra.get('help', '')} (default: {field.default})".strip()
-        default = None if required else field.default
+        default = None
+        if not required:
+            has_factory = field.default_factory is not dataclasses.MISSING
+            default = field.default_factory() if has_factory else field.default
+        if default is not None:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            extra["help"] = f"{extra.get('help', '')} (default: {shown})".strip()
         parser.add_argument(flag, type=kind, required=required, default=default, **extra)
 
 

@@ -118,6 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="copy what --push-to-hub would upload into DIR instead",
     )
+    parser.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="also store the fitted crops (PNG), so stage 1 can distil from this dataset",
+    )
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -151,6 +156,7 @@ def run(args) -> int:
             uploader=uploader,
             repo_id=args.push_to_hub,
             progress=False if args.no_progress else None,
+            keep_images=args.keep_images,
             **fit_options,
         )
     finally:

@@ -5,8 +5,10 @@ from .card import write_card
 from .collate import TrainingCollate, collate_prefit
 from .datasets import (
     FolderImages,
+    LabelledImages,
     PrefitSplats,
     StreamedImages,
+    caption_of,
     is_image_folder,
     labelled_loader,
     open_train_data,
@@ -14,12 +16,14 @@ from .datasets import (
 from .journal import Journal, PrefitError, Stats
 from .prefit import prefit
 from .shards import load_prefit, prefit_features
-from .sources import Item, Source, SourceError, iter_images, open_source
+from .sources import MNIST, Item, Source, SourceError, iter_images, open_source
 
 __all__ = [
+    "MNIST",
     "FolderImages",
     "Item",
     "Journal",
+    "LabelledImages",
     "PrefitError",
     "PrefitSplats",
     "Source",
@@ -27,6 +31,7 @@ __all__ = [
     "Stats",
     "StreamedImages",
     "TrainingCollate",
+    "caption_of",
     "collate_prefit",
     "is_image_folder",
     "iter_images",

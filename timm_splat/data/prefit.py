@@ -21,6 +21,7 @@ result equals an uninterrupted run's. ``datasets`` ignores the hidden ``.prefit`
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -226,6 +227,7 @@ def prefit(
     uploader: Uploader | None = None,
     repo_id: str | None = None,
     progress: bool | None = None,
+    keep_images: bool = False,
     **fit_options,
 ) -> dict | None:
     """Fit every image of ``dataset`` into ``num_splats`` splats and write parquet shards to
@@ -247,6 +249,8 @@ def prefit(
             journal does not show as sent there).
         repo_id: the Hub id the card's usage example names.
         progress: show a progress bar (default: on the local main process).
+        keep_images: also store each fitted crop (PNG, ``image`` column), so distillation's
+            teacher can read the pixels of pre-fitted data instead of fitting every epoch.
         **fit_options: :class:`~timm_splat.fitting.FitConfig` fields (iterations, seed, ...).
 
     Returns:
@@ -266,12 +270,20 @@ def prefit(
     rank, world = ranks.rank, ranks.world_size
     source = dataset if isinstance(dataset, Source) else open_source(dataset, split, dataset_config)
     out = Path(out)
-    _check_settings(out, split, *_run_settings(source, transform, config, dataset_config, world))
+    settings, run = _run_settings(source, transform, config, dataset_config, world)
+    if keep_images:  # only when set: datasets written before the option resume unchanged
+        settings["keep_images"] = True
+    _check_settings(out, split, settings, run)
 
     journal = Journal(out / STATE_DIR / split / f"rank-{rank:05d}.jsonl")
     unpushed = _split_state(out, split, rank, journal, uploader and upload_target(uploader))
     writer = ShardWriter(
-        out, split, rank, prefit_features(num_splats, source.class_names), journal, uploader
+        out,
+        split,
+        rank,
+        prefit_features(num_splats, source.class_names, images=keep_images),
+        journal,
+        uploader,
     )
     for shard, file in unpushed:  # finished before a kill, or before --push-to-hub was given
         writer.push(shard, file)
@@ -313,7 +325,7 @@ def prefit(
                     f"{batch[-1][2]}): is --dataset right?"
                 )
             if good:
-                rows += _fit_batch(good, config, device)
+                rows += _fit_batch(good, config, device, keep_images)
                 bar.set_postfix(
                     psnr=f"{np.mean([r.psnr for r in rows[-len(good) :]]):.2f}", refresh=False
                 )
@@ -329,15 +341,35 @@ def prefit(
     return _finish(ranks, journal, out, split, uploader, repo_id)
 
 
-def _fit_batch(good: list, config: FitConfig, device) -> list[Row]:
+def _png(pixels: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _fit_batch(good: list, config: FitConfig, device, keep_images: bool = False) -> list[Row]:
     """One fit_splats call for the batch (its own batch size, so one kernel batch)."""
     pixels = torch.stack([pixels for _, pixels in good])
     fitted = fit_splats(pixels, config, progress=False, device=device, batch_size=len(good))
     half = fitted.splats.to("cpu", torch.float16)
     real = splat_count(half).tolist()  # counted as stored: fp16 is what readers get
     return [
-        Row(item.index, item.source_id, item.label, item.caption, splats, psnr, count)
-        for (item, _), splats, psnr, count in zip(good, half.numpy(), fitted.psnr.tolist(), real)
+        Row(
+            item.index,
+            item.source_id,
+            item.label,
+            item.caption,
+            splats,
+            psnr,
+            count,
+            _png(pixels) if keep_images else None,
+        )
+        for (item, pixels), splats, psnr, count in zip(
+            good, half.numpy(), fitted.psnr.tolist(), real
+        )
     ]
 
 

@@ -27,12 +27,15 @@ class Row(NamedTuple):
     splats: np.ndarray  # [N, 8] float16
     psnr: float
     real_splats: int
+    image: bytes | None = None  # PNG of the fitted crop (prefit keep_images=True)
 
 
-def prefit_features(num_splats: int, class_names: list[str] | None = None):
-    """The ``datasets.Features`` of a pre-fitted dataset's rows."""
-    from datasets import Array2D, ClassLabel, Features, Value
+def prefit_features(num_splats: int, class_names: list[str] | None = None, images: bool = False):
+    """The ``datasets.Features`` of a pre-fitted dataset's rows (``images``: with an ``image``
+    column holding the fitted crops, for distillation from pre-fitted data)."""
+    from datasets import Array2D, ClassLabel, Features, Image, Value
 
+    extra = {"image": Image()} if images else {}
     return Features(
         {
             "splats": Array2D((num_splats, SPLAT_CHANNELS), "float16"),
@@ -40,6 +43,7 @@ def prefit_features(num_splats: int, class_names: list[str] | None = None):
             "caption": Value("string"),
             "source_id": Value("string"),
             "psnr": Value("float32"),
+            **extra,
         }
     )
 
@@ -77,6 +81,8 @@ class ShardWriter:
             "source_id": [r.source_id for r in rows],
             "psnr": np.array([r.psnr for r in rows], dtype=np.float32),
         }
+        if "image" in self.features:
+            columns["image"] = [{"bytes": r.image, "path": None} for r in rows]
         table = Dataset.from_dict(columns, features=self.features).data.table
         # The "huggingface" schema metadata carries the Features (Array2D, ClassLabel) to readers.
         table = table.replace_schema_metadata(self.features.arrow_schema.metadata)

