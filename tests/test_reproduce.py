@@ -62,7 +62,7 @@ def test_quick_keeps_explicit_flags():
     config = quick_config(ReproduceConfig(out="x", quick=True, budgets=["16"]))
     assert config.budgets == [16] and config.limit_train == 1500
     args = build_parser("reproduce").parse_args(["reproduce", "--out", "x"])
-    assert args.budgets == ["8", "16", "32", "64"]  # a list default reaches the flags
+    assert args.budgets == ["4", "8", "16", "32", "64"]  # a list default reaches the flags
     with pytest.raises(ValueError, match="whole numbers"):
         ReproduceConfig(out="x", budgets=["eight"])
 
