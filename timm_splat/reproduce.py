@@ -310,6 +310,8 @@ def _plot(path: Path, results: dict) -> None:
     )
     left.axhline(results["chance"] / max(results["teacher"]["top1"], 1e-12), color="grey", lw=0.8)
     left.set_xscale("log")
+    left.set_xticks(ratio, [f"{r:.1f}x" for r in ratio])
+    left.minorticks_off()
     left.set_xlabel("compression (uint8 RGB bytes / fp16 splat bytes)")
     left.set_ylabel("relative zero-shot top-1")
     right = left.twinx()
