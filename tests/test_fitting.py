@@ -245,3 +245,22 @@ def test_large_images_are_fitted_at_the_working_size(astronaut_64):
     small = F.interpolate(big, size=(32, 32), mode="bilinear", antialias=True).clamp(0, 1)
     by_hand = fit_splats(small, num_splats=30, iterations=10)
     assert torch.equal(capped.splats, by_hand.splats)
+
+
+def test_codec_steps_fit_what_the_codec_decodes(astronaut_64):
+    from timm_splat import decode, encode
+
+    (image,) = to_rgb_tensors([astronaut_64])
+    images = torch.stack([image, image.flip(-1)])
+    plain = fit_splats(images, num_splats=64, iterations=30).splats
+    coded = fit_splats(images, num_splats=64, iterations=30, codec_steps=12)
+    for b in range(2):
+        # On the codec's grids already: encoding loses nothing more, and reports its PSNR.
+        decoded = decode(encode(coded.splats[b]))
+        torch.testing.assert_close(decoded, coded.splats[b][: len(decoded)], rtol=0, atol=0)
+        after = psnr(render_splats(decoded, 64, 64)[None], images[b][None])
+        assert float(after) == pytest.approx(float(coded.psnr[b]), abs=1e-3)
+        baseline = psnr(render_splats(decode(encode(plain[b])), 64, 64)[None], images[b][None])
+        assert float(after) > float(baseline)  # better than quantising the float fit afterwards
+    with pytest.raises(ValueError, match="codec_steps"):
+        FitConfig(codec_steps=-1)

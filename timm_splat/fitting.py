@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import ops
+from .codec_refine import refine_quantized
 from .fitting_init import adaptive_splats, relocate, solve_colors
 from .images import to_rgb_batch, to_rgb_tensors
 from .splats import DEFAULT_NUM_SPLATS, SPLAT_CHANNELS, luminance, pack_real_first
@@ -49,6 +50,9 @@ class FitConfig:
     relocate_sigma: float = 0.15  # std-dev of a moved splat, in mean splat spacings
     relocate_solve: int = 1  # CG steps of the colour solve after each relocation
     final_solve: int = 3  # CG steps of the colour solve after the last Adam step (0: none)
+    # Steps through the .splat codec's quantiser at its default grids (codec_refine): the
+    # splats decode(encode(...)) returns are what is optimised; 0: none (float splats).
+    codec_steps: int = 0
     prune_start: float = 0.1  # prune events run between these fractions of the iterations
     prune_end: float = 0.6
     prune_every: int = 50
@@ -88,6 +92,7 @@ class FitConfig:
             "relocate_sigma": self.relocate_sigma > 0,
             "relocate_solve": self.relocate_solve >= 0,
             "final_solve": self.final_solve >= 0,
+            "codec_steps": self.codec_steps >= 0,
             "prune_start": 0.0 <= self.prune_start <= self.prune_end <= 1.0,
             "prune_every": self.prune_every >= 1,
             "prune_threshold": self.prune_threshold >= 0,
@@ -325,6 +330,8 @@ def _fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
         with torch.no_grad():
             final = solve_colors(final, targets, cfg.final_solve, backend) * live
     final = pack_real_first(final)
+    if cfg.codec_steps:
+        final = refine_quantized(targets, final, steps=cfg.codec_steps, backend=backend)
     with torch.no_grad():
         quality = psnr(ops.render(final, height, width, backend), targets)
     return final, quality
