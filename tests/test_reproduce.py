@@ -128,3 +128,17 @@ def test_rendered_splats_reader_matches_the_teacher_on_rendered_pixels():
         torch.testing.assert_close(
             RenderedSplats(clip).encode_image(splats), clip.encode_image(pixels)
         )
+
+
+def test_distill_refuses_a_model_name_from_rgb_does_not_make(tmp_path):
+    with pytest.raises(ValueError, match="makes a splat_vit_mini tower"):
+        train(
+            TrainConfig(
+                stage="distill",
+                model="splat-ViT-test",  # run.json would record it for a Mini-7 student
+                teacher="ViT-Mini-7",
+                train_data=MNIST,
+                output=str(tmp_path),
+                max_steps=1,
+            )
+        )

@@ -193,6 +193,13 @@ def build_student(config: TrainConfig, run_dir: Path, teacher):
     previous = run_dir / "distill" / "final" / "model.safetensors"
     if teacher is not None:
         student = from_rgb(teacher, num_splats=config.num_splats)
+        wanted = (open_clip.get_model_config(config.model) or {}).get("vision_cfg", {})
+        made = splat_trunk(student).pretrained_cfg.get("architecture")
+        if wanted.get("timm_model_name") not in (None, made):  # run.json records --model
+            raise ValueError(
+                f"from_rgb of the teacher {config.teacher} makes a {made} tower, and --model "
+                f"{config.model} names {wanted['timm_model_name']}: pass the matching config"
+            )
     else:
         student = open_clip.create_model(config.model)
     if config.plain_latents:  # before stage 1's weights load: they carry no locality either
