@@ -285,16 +285,13 @@ def is_splat_config(name: str) -> bool:
     return str(config.get("vision_cfg", {}).get("timm_model_name", "")).startswith("splat_vit")
 
 
-def _named_model(config: EvalConfig) -> str | None:
-    """The model name: --model, else what a run directory's run.json records."""
-    if config.model or not config.pretrained or not Path(config.pretrained).is_dir():
-        return config.model
-    for run in (
-        Path(config.pretrained) / "final" / "run.json",
-        Path(config.pretrained) / "run.json",
-    ):
-        if run.is_file():
-            return json.loads(run.read_text()).get("model")
+def _local_run(pretrained: str | None):
+    """(weights file, run.json or {}) of a local run dir / weights file, else None (a tag, an
+    ``hf-hub:`` id, or nothing)."""
+    from .models import resolve_run
+
+    if pretrained and not pretrained.startswith("hf-hub:") and Path(pretrained).exists():
+        return resolve_run(Path(pretrained))
     return None
 
 
@@ -306,19 +303,8 @@ def load_rgb_clip(name: str, pretrained: str | None, device) -> torch.nn.Module:
     from .models import register_open_clip_configs
 
     register_open_clip_configs()
-    weights = pretrained
-    if pretrained and Path(pretrained).is_dir():
-        folder = Path(pretrained)
-        found = [
-            path
-            for path in (folder / "final" / "model.safetensors", folder / "model.safetensors")
-            if path.is_file()
-        ]
-        if not found:
-            raise ValueError(f"{pretrained}: no final/model.safetensors or model.safetensors")
-        weights = str(found[0])
-    elif pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin"):
-        raise ValueError(f"{pretrained}: weights must be .safetensors (pickle is not loaded)")
+    local = _local_run(pretrained)
+    weights = str(local[0]) if local else pretrained
     return open_clip.create_model(name, pretrained=weights, device=device).eval()
 
 
@@ -328,15 +314,16 @@ def evaluate(config: EvalConfig) -> dict:
     splats."""
     import open_clip
 
-    from .data import MNIST, is_image_folder, labelled_loader
+    from .data import is_image_source, labelled_loader
     from .models import load_clip, splat_trunk
     from .transforms import SplatTransform
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.pretrained is None:
         print("no --pretrained: evaluating random weights (a smoke test)", file=sys.stderr)
-    images = config.images or is_image_folder(config.data) or str(config.data) == MNIST
-    name = _named_model(config)
+    images = config.images or is_image_source(config.data)
+    local = None if config.model else _local_run(config.pretrained)
+    name = config.model or (local[1].get("model") if local else None)
     if name and not is_splat_config(name):  # an RGB CLIP: pixels, or rendered splats
         model = load_rgb_clip(name, config.pretrained, device)
         info, num_splats = {"model": name, "tokenizer": name}, None

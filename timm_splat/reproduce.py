@@ -27,11 +27,7 @@ from .data import MNIST, prefit
 from .data.journal import write_atomic
 from .evaluation import EvalConfig, evaluate
 from .splats import compression_ratio
-from .training import TrainConfig, train
-
-
-def _arg(help_text: str, **argparse_options) -> dict:
-    return {"help": help_text, **argparse_options}
+from .training import TrainConfig, _arg, train
 
 
 @dataclasses.dataclass

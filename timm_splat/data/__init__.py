@@ -10,6 +10,7 @@ from .datasets import (
     StreamedImages,
     caption_of,
     is_image_folder,
+    is_image_source,
     labelled_loader,
     open_train_data,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "caption_of",
     "collate_prefit",
     "is_image_folder",
+    "is_image_source",
     "iter_images",
     "labelled_loader",
     "load_prefit",

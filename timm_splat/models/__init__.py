@@ -11,7 +11,7 @@ from .convert import (
     uses_local_latents,
     uses_quick_gelu,
 )
-from .factory import create_model_and_transforms, load_clip
+from .factory import create_model_and_transforms, load_clip, resolve_run
 from .splat_vit import SplatVisionTransformer
 from .stem import GSStem, PerceiverResampler, SplatFeatures
 
@@ -27,6 +27,7 @@ __all__ = [
     "freeze",
     "from_rgb",
     "load_clip",
+    "resolve_run",
     "set_local_latents",
     "set_quick_gelu",
     "splat_trunk",

@@ -50,7 +50,7 @@ def _strip_prefixes(state: dict) -> dict:
     return state
 
 
-def _resolve_local(path: Path) -> tuple[Path, dict]:
+def resolve_run(path: Path) -> tuple[Path, dict]:
     """A run dir / final dir / weights file -> (weights file, run.json contents or {})."""
     if path.is_dir():
         for weights in (path / "final" / "model.safetensors", path / "model.safetensors"):
@@ -116,7 +116,7 @@ def load_clip(
         if local is not None:
             if not local.exists():
                 raise ValueError(f"--pretrained {pretrained}: no such file or directory")
-            weights, run = _resolve_local(local)
+            weights, run = resolve_run(local)
         name = run.get("model") or model_name
         if model_name and name != model_name:
             raise ValueError(f"{pretrained} was trained as {name}, not {model_name}")
