@@ -17,10 +17,11 @@ from .datasets import (
 from .journal import Journal, PrefitError, Stats
 from .prefit import prefit
 from .shards import load_prefit, prefit_features
-from .sources import MNIST, Item, Source, SourceError, iter_images, open_source
+from .sources import MNIST, MNIST_M, Item, Source, SourceError, iter_images, open_source
 
 __all__ = [
     "MNIST",
+    "MNIST_M",
     "FolderImages",
     "Item",
     "Journal",

@@ -35,13 +35,23 @@ def collate_prefit(batch: list[dict], target: str = "auto", num_splats: int | No
 
 class TrainingCollate:
     """Training batches: student splats (pre-fitted, or all images of the batch fitted in one
-    :meth:`SplatTransform.collate` call; none without a ``splat_transform``), pixels through
-    ``pixel_preprocess`` (stage 1's teacher, or an RGB CLIP) and caption tokens."""
+    :meth:`SplatTransform.collate` call; none without a ``splat_transform``; each through
+    ``splat_augment`` when given), pixels through ``pixel_preprocess`` (stage 1's teacher, or an
+    RGB model), caption tokens (with a ``tokenizer``) and class labels (``labels=True``)."""
 
-    def __init__(self, splat_transform=None, pixel_preprocess=None, tokenizer=None):
+    def __init__(
+        self,
+        splat_transform=None,
+        pixel_preprocess=None,
+        tokenizer=None,
+        labels: bool = False,
+        splat_augment=None,
+    ):
         self.splat_transform = splat_transform
         self.pixel_preprocess = pixel_preprocess
         self.tokenizer = tokenizer
+        self.labels = labels
+        self.splat_augment = splat_augment
 
     def __call__(self, rows):
         batch = {}
@@ -55,6 +65,13 @@ class TrainingCollate:
             batch["splats"] = transform.collate(
                 [transform.image_transform(r["image"]) for r in rows]
             )
+        if self.splat_augment is not None and "splats" in batch:
+            # Draws from each sample's own seed: a resumed run augments as the first run did.
+            augmented = []
+            for splats, row in zip(batch["splats"], rows):
+                self.splat_augment.generator = torch.Generator().manual_seed(row.get("seed", 0))
+                augmented.append(self.splat_augment(splats))
+            batch["splats"] = torch.stack(augmented)
         if self.pixel_preprocess is not None:
             if "image" not in rows[0]:
                 raise ValueError(
@@ -64,5 +81,13 @@ class TrainingCollate:
             batch["pixels"] = torch.stack([self.pixel_preprocess(r["image"]) for r in rows])
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer([r["caption"] for r in rows])
+        if self.labels:
+            unlabelled = [r["id"] for r in rows if r.get("label") is None or r["label"] < 0]
+            if unlabelled:
+                raise ValueError(
+                    f"sample {unlabelled[0]} has no class label: a classifier trains on "
+                    "labelled data (class folders, a label column)"
+                )
+            batch["labels"] = torch.tensor([int(r["label"]) for r in rows], dtype=torch.int64)
         batch["ids"] = [r["id"] for r in rows]  # last: accelerate sizes batches by the first
         return batch

