@@ -20,35 +20,49 @@ from timm_splat.reproduce import ReproduceConfig, quick_config, reproduce  # noq
 from timm_splat.training import TrainConfig, train  # noqa: E402
 
 
-def test_reproduce_writes_the_results_and_resumes(tmp_path):
+@pytest.mark.parametrize("head", ["clip", "classifier"])
+def test_reproduce_writes_the_results_and_resumes(tmp_path, head):
     config = ReproduceConfig(
         out=str(tmp_path / "run"),
+        head=head,
         budgets=["4"],
+        seeds=["0", "1"],
+        ablations=["rendered", "no_stage1"] + (["half_latents"] if head == "classifier" else []),
+        ablation_budgets=["4"],
         limit_train=64,
         limit_test=40,
         teacher_epochs=1,
         distill_epochs=1,
-        clip_epochs=1,
+        stage2_epochs=1,
         batch_size=32,
     )
     results = reproduce(config)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert saved["chance"] == pytest.approx(0.1)
+    assert saved["chance"] == pytest.approx(0.1) and saved["head"] == head
     assert 0 <= saved["teacher"]["top1"] <= 1
+    assert len(saved["baseline"]["values"]) == 2
     (student,) = saved["students"]
     assert student["num_splats"] == 4
     assert student["compression"] == pytest.approx(28 * 28 * 3 / (4 * 16))
     assert 10 < student["psnr"] < 60
-    for key in ("top1", "rendered_top1"):
-        assert 0 <= student[key] <= 1
-    assert student["relative"] == pytest.approx(student["top1"] / saved["teacher"]["top1"])
-    assert student["n"] == 40
+    assert 0 <= student["rendered_top1"] <= 1
+    values = student["top1"]["values"]
+    assert len(values) == 2 and student["top1"]["mean"] == pytest.approx(sum(values) / 2)
+    relative = [v / b for v, b in zip(values, saved["baseline"]["values"])]
+    assert student["relative"]["values"] == pytest.approx(relative)
+    paired = student["vs_baseline"]
+    assert paired["diff"] == pytest.approx(student["top1"]["mean"] - saved["baseline"]["mean"])
+    assert paired["se"] >= 0 and isinstance(paired["resolved"], bool)
+    assert {a["name"] for a in saved["ablations"]} == set(config.ablations) - {"rendered"}
+    assert saved["n"] == 40
     assert "| 4 |" in (tmp_path / "run" / "results.md").read_text()
-    # The student run records the data's budget and the teacher; the student's stage 1 read
-    # the pre-fitted crops (keep_images) rather than fitting the images again.
-    run = json.loads((tmp_path / "run" / "students" / "gs4" / "final" / "run.json").read_text())
-    assert run["num_splats"] == 4 and run["stage"] == "clip" and run["local_latents"] is True
+    # Each seed's student records the data's budget and its stages.
+    run = json.loads((tmp_path / "run" / "students" / "gs4-s1" / "final" / "run.json").read_text())
+    stage = "clip" if head == "clip" else "finetune"
+    assert run["num_splats"] == 4 and run["stage"] == stage and run["seed"] == 1
+    ablated = tmp_path / "run" / "students" / "gs4-no_stage1-s0"
+    assert not (ablated / "distill").exists() and (ablated / stage / "final").is_dir()
     # Everything finished is kept: a second call trains and fits nothing again.
     stamps = {
         p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.safetensors") if p.is_file()
@@ -58,11 +72,23 @@ def test_reproduce_writes_the_results_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_paired_differences_and_spreads():
+    from timm_splat.reproduce import paired, spread
+
+    assert spread([0.5]) == {"mean": 0.5, "std": 0.0, "values": [0.5]}
+    same = [[1, 0, 1, 0]] * 3
+    assert paired(same, same) == {"diff": 0.0, "se": 0.0, "resolved": False}
+    better = paired([[1] * 50] * 3, [[1, 0] * 25] * 3)
+    assert better["diff"] == pytest.approx(0.5) and better["resolved"]
+
+
 def test_quick_keeps_explicit_flags():
     config = quick_config(ReproduceConfig(out="x", quick=True, budgets=["16"]))
-    assert config.budgets == [16] and config.limit_train == 1500
+    assert config.budgets == [16] and config.limit_train == 600 and config.seeds == [0, 1, 2]
     args = build_parser("reproduce").parse_args(["reproduce", "--out", "x"])
-    assert args.budgets == ["4", "8", "16", "32", "64"]  # a list default reaches the flags
+    assert args.budgets == ["4", "8", "16", "48"]  # a list default reaches the flags
+    with pytest.raises(ValueError, match="ablations"):
+        ReproduceConfig(out="x", ablations=["no_such"])
     with pytest.raises(ValueError, match="whole numbers"):
         ReproduceConfig(out="x", budgets=["eight"])
 
@@ -93,7 +119,7 @@ def test_captions_from_class_names():
 
 
 def test_stage_pixel_refuses_splat_models_and_splat_data(tmp_path):
-    with pytest.raises(ValueError, match="RGB CLIP"):
+    with pytest.raises(ValueError, match="RGB model"):
         train(
             TrainConfig(
                 stage="pixel", model="splat-ViT-Mini-7", train_data=MNIST, output=str(tmp_path)

@@ -76,8 +76,9 @@ def evaluate_zero_shot(
     amp: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Top-1 / top-5 zero-shot accuracy (fractions in [0, 1]), the sample count ``n`` and the
-    most real splats an input had (``max_splats``, 0 for pixels).
+    """Top-1 / top-5 zero-shot accuracy (fractions in [0, 1]), the sample count ``n``, the
+    most real splats an input had (``max_splats``, 0 for pixels) and ``hits``: 1 / 0 per sample
+    in loader order, whether its top-1 was right (for paired comparisons of two models).
 
     ``loader`` yields ``(inputs, labels [B])`` (or dicts with ``splats`` and ``label``), inputs
     being what ``model.encode_image`` reads: splats ``[B, N, 8]`` or pixels ``[B, 3, H, W]``;
@@ -88,6 +89,7 @@ def evaluate_zero_shot(
     num_classes = classifier.shape[1]
     ks = [min(k, num_classes) for k in TOPK]
     correct, n, max_splats = torch.zeros(len(ks), dtype=torch.long), 0, 0
+    top1_hits = []
     batches = loader
     if progress:
         from tqdm import tqdm
@@ -109,6 +111,7 @@ def evaluate_zero_shot(
         top = logits.topk(max(ks), dim=1).indices.cpu()
         hits = top == labels.view(-1, 1)
         correct += torch.tensor([int(hits[:, :k].any(dim=1).sum()) for k in ks])
+        top1_hits += hits[:, 0].int().tolist()
         n += len(labels)
         if inputs.ndim == 3:  # splats [B, N, 8], not pixels
             max_splats = max(max_splats, int(splat_count(inputs).max()))
@@ -119,6 +122,61 @@ def evaluate_zero_shot(
         "top5": correct[1].item() / n,
         "n": n,
         "max_splats": max_splats,
+        "hits": top1_hits,
+    }
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model, loader, device="cpu", *, num_classes: int, amp: bool = False, progress: bool = False
+) -> dict:
+    """Top-1 / top-5 of a classifier (timm's ``accuracy``, as fractions), the sample count
+    ``n``, per-class ``[correct, total]`` counts, the most real splats an input had and
+    ``hits`` (per sample, as :func:`evaluate_zero_shot` gives them).
+
+    ``loader`` yields ``(inputs, labels [B])``, inputs being what ``model(...)`` reads: splats
+    ``[B, N, 8]`` or pixels ``[B, 3, H, W]``."""
+    from timm.utils import accuracy
+
+    device = torch.device(device)
+    ks = [min(k, num_classes) for k in TOPK]
+    correct = torch.zeros(len(ks), dtype=torch.float64)
+    per_class = torch.zeros(num_classes, 2, dtype=torch.long)
+    n, max_splats, top1_hits = 0, 0, []
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="top-1", unit="batch")
+    for batch in batches:
+        inputs, labels = (batch["splats"], batch["label"]) if isinstance(batch, dict) else batch[:2]
+        labels = torch.as_tensor(labels).long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"labels {int(labels.min())}..{int(labels.max())} outside the model's "
+                f"{num_classes} classes (-1: unlabelled rows): evaluate on labelled data of the "
+                "classes it was trained on"
+            )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(inputs.to(device, torch.float32)).float().cpu()
+        for i, acc in enumerate(accuracy(logits, labels, topk=tuple(ks))):
+            correct[i] += float(acc) * len(labels) / 100
+        hits = logits.argmax(dim=1) == labels
+        top1_hits += hits.int().tolist()
+        per_class[:, 1] += torch.bincount(labels, minlength=num_classes)
+        per_class[:, 0] += torch.bincount(labels[hits], minlength=num_classes)
+        n += len(labels)
+        if inputs.ndim == 3:
+            max_splats = max(max_splats, int(splat_count(inputs).max()))
+    if n == 0:
+        raise ValueError("the data loader yielded no samples")
+    return {
+        "top1": round(correct[0].item()) / n,
+        "top5": round(correct[1].item()) / n,
+        "n": n,
+        "max_splats": max_splats,
+        "per_class": per_class.tolist(),
+        "hits": top1_hits,
     }
 
 
@@ -243,6 +301,14 @@ class EvalConfig:
     workers: int = field(default=0, metadata=_arg("DataLoader workers"))
     limit: int | None = field(default=None, metadata=_arg("evaluate the first N samples"))
     amp: bool = field(default=False, metadata=_arg("bfloat16 autocast for the image tower"))
+    task: str | None = field(
+        default=None,
+        metadata=_arg(
+            "clip (zero-shot) or classify (a timm classifier's top-1; default: what run.json or "
+            "--model says; hf-hub: ids are CLIPs unless told)",
+            choices=("clip", "classify"),
+        ),
+    )
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -269,6 +335,26 @@ class RenderedSplats(torch.nn.Module):
 
     def encode_text(self, *args, **kwargs):
         return self.clip.encode_text(*args, **kwargs)
+
+
+class RenderedForClassifier(torch.nn.Module):
+    """An RGB timm classifier that reads splats: renders them at its input size, clamps to
+    [0, 1] and normalises them with its data config (the paper's control, for a classifier)."""
+
+    def __init__(self, model):
+        super().__init__()
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(model)
+        self.model, self.size = model, tuple(cfg["input_size"][-2:])
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(3, 1, 1), persistent=False)
+
+    def forward(self, splats: torch.Tensor) -> torch.Tensor:
+        from .ops import render_splats
+
+        pixels = render_splats(splats, *self.size).clamp(0, 1)
+        return self.model((pixels - self.mean) / self.std)
 
 
 def is_splat_config(name: str) -> bool:
@@ -324,6 +410,8 @@ def evaluate(config: EvalConfig) -> dict:
     images = config.images or is_image_source(config.data)
     local = None if config.model else _local_run(config.pretrained)
     name = config.model or (local[1].get("model") if local else None)
+    if _task(config, local, name) == "classify":
+        return evaluate_top1(config, images)
     if name and not is_splat_config(name):  # an RGB CLIP: pixels, or rendered splats
         model = load_rgb_clip(name, config.pretrained, device)
         info, num_splats = {"model": name, "tokenizer": name}, None
@@ -382,6 +470,83 @@ def evaluate(config: EvalConfig) -> dict:
         **metrics,
         "num_classes": len(classnames),
         "num_templates": len(templates),
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": str(device),
+    }
+
+
+def _task(config: EvalConfig, local, name) -> str:
+    from .models import model_task
+
+    if config.task:
+        return config.task
+    recorded = local[1].get("task") if local else None
+    if recorded in ("clip", "classify"):
+        return recorded
+    if local and (local[0].parent / "config.json").is_file() and not name:
+        return "classify"  # a saved timm folder
+    return model_task(name) if name else "clip"
+
+
+def evaluate_top1(config: EvalConfig, images: bool) -> dict:
+    """Top-1 / top-5 of a timm classifier on ``config.data``: a splat classifier on splats
+    (pre-fitted, or images fitted here), an RGB one on pixels or on rendered splats."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    from .data import labelled_loader
+    from .models import load_classifier, splat_trunk
+    from .transforms import SplatTransform
+
+    if config.pretrained is None:
+        raise ValueError("--pretrained: which classifier (a run directory, file or hf-hub: id)")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, info = load_classifier(
+        config.pretrained, config.model, num_splats=config.num_splats, device=device
+    )
+    trunk = splat_trunk(model)
+    if trunk is not None:
+        overrides = {"device": device}
+        if config.image_size:
+            overrides["image_size"] = config.image_size
+        if config.iterations:
+            overrides["iterations"] = config.iterations
+        transform = SplatTransform.from_config(trunk, **overrides)
+        reader, kind, num_splats = model, "splats", trunk.num_splats
+    else:
+        transform = create_transform(**resolve_model_data_config(model), is_training=False)
+        reader = model if images else RenderedForClassifier(model).to(device)
+        kind, num_splats = ("pixels" if images else "rendered splats"), None
+    loader, classes = labelled_loader(
+        config.data,
+        split=config.split,
+        batch_size=config.batch_size,
+        transform=transform,
+        num_splats=config.num_splats,
+        workers=config.workers,
+        limit=config.limit,
+        images=images,
+    )
+    start = time.perf_counter()
+    metrics = evaluate_classifier(
+        reader,
+        loader,
+        device,
+        num_classes=info["num_classes"],
+        amp=config.amp,
+        progress=sys.stderr.isatty(),
+    )
+    if classes and len(classes) == info["num_classes"]:
+        metrics["per_class"] = {name: count for name, count in zip(classes, metrics["per_class"])}
+    return {
+        "model": info["model"],
+        "task": "classify",
+        "pretrained": config.pretrained,
+        "input": kind,
+        "num_splats": num_splats,
+        "data": str(config.data),
+        "split": config.split,
+        **metrics,
+        "num_classes": info["num_classes"],
         "seconds": round(time.perf_counter() - start, 2),
         "device": str(device),
     }

@@ -133,7 +133,8 @@ def _timm_export(model, trunk, num_splats: int):
             )
     # config.json's pretrained_cfg is rebuilt into timm's PretrainedCfg: only its fields (not
     # num_splats, which travels in model_args) and no source tag (these are new weights).
-    fields = {f.name for f in dataclasses.fields(PretrainedCfg)} - {"tag"}
+    # Nor a local weights file a loader was pointed at (timm would look for it again).
+    fields = {f.name for f in dataclasses.fields(PretrainedCfg)} - {"tag", "file", "state_dict"}
     export.pretrained_cfg = {k: v for k, v in trunk.pretrained_cfg.items() if k in fields}
     return export.eval(), args
 
@@ -364,9 +365,12 @@ def push_run(
     ``final/model.safetensors``, :func:`save_pretrained` it (into ``folder``, else a temporary
     folder) with run.json's budget, metrics and data, and push it unless ``push`` is False.
     Returns ``folder`` (None when it was temporary)."""
-    from .models.factory import load_clip
+    from .models.factory import load_classifier, load_clip, resolve_run
 
-    model, info = load_clip(run_dir)
+    local = Path(run_dir)
+    recorded = resolve_run(local)[1] if local.exists() else {}
+    load = load_classifier if recorded.get("task") == "classify" else load_clip
+    model, info = load(run_dir)
     run = info["run"]
     base_model = run.get("base_model")
     teacher_weights = str(run.get("teacher_pretrained") or "")

@@ -13,7 +13,13 @@ from .convert import (
     uses_local_latents,
     uses_quick_gelu,
 )
-from .factory import create_model_and_transforms, load_clip, resolve_run
+from .factory import (
+    create_model_and_transforms,
+    load_classifier,
+    load_clip,
+    model_task,
+    resolve_run,
+)
 from .splat_vit import SplatVisionTransformer
 from .stem import GSStem, PerceiverResampler, SplatFeatures
 
@@ -27,9 +33,11 @@ __all__ = [
     "SplatVisionTransformer",
     "copy_rgb_weights",
     "create_model_and_transforms",
+    "load_classifier",
     "freeze",
     "from_rgb",
     "load_clip",
+    "model_task",
     "resolve_run",
     "set_local_latents",
     "set_quick_gelu",

@@ -150,3 +150,79 @@ def load_clip(
         "pretrained": pretrained,
     }
     return model.eval(), info
+
+
+# Far above any classifier trained here; a run.json asking for more was edited or damaged.
+MAX_CLASSES = 100_000
+
+
+def _recorded_int(run: dict, key: str, where, low: int = 1, high: int = 10**7):
+    value = run.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{where}: {key} must be a whole number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def load_classifier(pretrained, model_name: str | None = None, *, num_splats=None, device="cpu"):
+    """A timm classifier (splat or RGB) trained by ``timm-splat train``, and what is known
+    about it: ``(model, info)`` in eval mode, loaded the timm way (``timm.create_model(name,
+    pretrained=True, pretrained_cfg_overlay=dict(file=...))``, the head kept).
+
+    ``pretrained``: a run directory, its ``final/`` or a ``.safetensors`` file beside a
+    run.json; ``hf-hub:org/repo`` or a saved timm folder (``config.json``) load through timm's
+    own Hub path. ``model_name`` overrides what run.json names; ``num_splats`` the budget."""
+    import timm
+
+    pretrained = str(pretrained)
+    local = None if pretrained.startswith("hf-hub:") else Path(pretrained)
+    if local is None or (local / "config.json").is_file():
+        source = pretrained if local is None else f"local-dir:{local}"
+        model, run = timm.create_model(source, pretrained=True), {}
+        name = model.pretrained_cfg.get("architecture", source)
+    else:
+        if not local.exists():
+            raise ValueError(f"--pretrained {pretrained}: no such file or directory")
+        weights, run = resolve_run(local)
+        name = model_name or run.get("model")
+        if not name or not timm.is_model(name):
+            raise ValueError(
+                f"{pretrained}: say which timm model it is (run.json names {name!r}; pass "
+                "--model splat_vit_... or vit_...)"
+            )
+        num_classes = _recorded_int(run, "num_classes", local, high=MAX_CLASSES)
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        if name.startswith("splat_vit"):
+            for key in ("num_latents", "num_splats"):
+                value = _recorded_int(run, key, local)
+                if value:
+                    kwargs[key] = value
+            if run.get("local_latents") is False:
+                kwargs["local_latents"] = False
+        overlay = dict(file=str(weights), **({"num_classes": num_classes} if num_classes else {}))
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    trunk = splat_trunk(model)
+    if trunk is not None and num_splats:
+        trunk.num_splats = int(num_splats)
+    info = {
+        "model": name,
+        "num_splats": trunk.num_splats if trunk is not None else None,
+        "num_classes": model.num_classes,
+        "run": run,
+        "pretrained": pretrained,
+    }
+    return model.to(device).eval(), info
+
+
+def model_task(name: str) -> str:
+    """``classify`` for a timm model name (``splat_vit_mini``, ``vit_mini_patch7_28``), ``clip``
+    for an open_clip config (``splat-ViT-Mini-7``, ``ViT-Mini-7``, ``local-dir:...``)."""
+    import timm
+
+    register_open_clip_configs()
+    import open_clip
+
+    if open_clip.get_model_config(name) is None and timm.is_model(name):
+        return "classify"
+    return "clip"

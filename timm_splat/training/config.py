@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import field
 from pathlib import Path
 
+from ..models import model_task
 from ..splats import DEFAULT_NUM_SPLATS
 
 
@@ -29,21 +30,6 @@ DISTILL_TARGETS = ("features", "logits", "both")
 
 def stages_of(task: str) -> tuple[str, ...]:
     return ("pixel", "distill", SECOND_STAGE[task], "baseline")
-
-
-def task_of(model: str) -> str:
-    """``classify`` for a timm model name (``splat_vit_mini``, ``vit_mini_patch7_28``), ``clip``
-    for an open_clip config (``splat-ViT-Mini-7``, ``ViT-Mini-7``, ``local-dir:...``)."""
-    import timm
-
-    from ..models import register_open_clip_configs
-
-    register_open_clip_configs()
-    import open_clip
-
-    if open_clip.get_model_config(model) is None and timm.is_model(model):
-        return "classify"
-    return "clip"
 
 
 @dataclasses.dataclass
@@ -219,7 +205,7 @@ class TrainConfig:
         if self.stage == "baseline" and not self.teacher_pretrained:
             raise ValueError("stage baseline needs --teacher-pretrained (the weights it trains on)")
         if self.task is None:
-            self.task = task_of(self.teacher if self.stage == "baseline" else self.model)
+            self.task = model_task(self.teacher if self.stage == "baseline" else self.model)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.stage not in stages_of(self.task):
