@@ -368,3 +368,13 @@ def test_checkpoint_positions_are_checked_against_the_run():
     ):
         with pytest.raises(ValueError, match="state.json|position"):
             check_position(bad, "ck", Run)
+
+
+def test_pixel_inputs_fit_under_inference_mode():
+    """timm's validate.py runs models under torch.inference_mode: the in-model fit (autograd
+    steps) still runs."""
+    model = timm.create_model("splat_vit_test", num_classes=3, num_splats=8).eval()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        logits = model(pixels)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()

@@ -160,9 +160,15 @@ class SplatVisionTransformer(VisionTransformer):
                 "with the model's data config (timm.data.resolve_model_data_config(model)), or "
                 "call model.set_pixel_normalization(mean, std) with what you used"
             )
-        fitted = fit_splats(
-            images.clamp(0, 1), num_splats=self.num_splats, progress=False, **self.fit_options
-        )
+        # The fit differentiates the render: under torch.inference_mode (timm's validate.py)
+        # it runs outside it, on a copy (an inference tensor cannot enter autograd).
+        with torch.inference_mode(False):
+            fitted = fit_splats(
+                images.clamp(0, 1).clone(),
+                num_splats=self.num_splats,
+                progress=False,
+                **self.fit_options,
+            )
         return fitted.splats
 
     def as_splats(self, x: torch.Tensor) -> torch.Tensor:
