@@ -225,6 +225,18 @@ def test_top1_evaluation_matches_the_model(stages):
     )
     assert (pixels["input"], rendered["input"]) == ("pixels", "rendered splats")
     assert pixels["n"] == rendered["n"] == 32
+    # Images fitted on the fly, a batch at a time, with the student's budget.
+    fitted = evaluate(
+        EvalConfig(
+            data=MNIST_M,
+            split="test",
+            pretrained=str(stages["student"]),
+            device="cpu",
+            limit=8,
+            iterations=20,
+        )
+    )
+    assert fitted["input"] == "splats" and fitted["n"] == 8 and 0 < fitted["max_splats"] <= 8
 
 
 def test_a_saved_classifier_loads_the_timm_way(stages, tmp_path):

