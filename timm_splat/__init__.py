@@ -45,6 +45,7 @@ try:  # the models register themselves in timm (and open_clip) on import
         create_model_and_transforms,
         freeze,
         from_rgb,
+        load_classifier,
         load_clip,
     )
     from .transforms import SplatTransform
@@ -57,6 +58,7 @@ try:  # the models register themselves in timm (and open_clip) on import
         "create_model_and_transforms",
         "freeze",
         "from_rgb",
+        "load_classifier",
         "load_clip",
     ]
 except ModuleNotFoundError as error:  # fitting and the kernels need torch alone
