@@ -394,95 +394,10 @@ def train_and_eval(args, device, photos) -> list[tuple[str, str]]:
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default=os.environ.get("OUT", "out/gpu"))
-    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[400, 1600, 3136])
-    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--presets", nargs="+", default=["default", "paper"])
-    parser.add_argument(
-        "--iterations", type=int, help="fit steps for every preset (default: each preset's own)"
-    )
-    parser.add_argument("--splat-model", default="splat-ViT-B-16")
-    parser.add_argument("--rgb-model", default="ViT-B-16")
-    parser.add_argument("--train-batch", type=int, default=256)
-    parser.add_argument("--train-steps", type=int, default=10)
-    parser.add_argument("--eval-repeats", type=int, default=5)
-    parser.add_argument("--prefit-iterations", type=int, default=150)
-    parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument(
-        "--target-psnr",
-        type=float,
-        default=27.9,
-        help="mean dB the CPU fitter reaches at N=400 by default (docs)",
-    )
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument(
-        "--deadline",
-        type=float,
-        default=420,
-        help="seconds after which the timing grid skips configs predicted to overrun",
-    )
-    parser.add_argument("--sanitize-target", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="only build, check and profile one fit (where the time goes)",
-    )
-    args = parser.parse_args()
-    if args.sanitize_target:
-        return sanitize_target()
-    if args.dry_run:
-        device = torch.device("cpu")
-        # The same steps at tiny sizes: the budgets and presets of the real run, two small
-        # batches, a few fit steps, and the training part on the miniature CLIP pair.
-        args.batches, args.iterations, args.deadline = [2, 4], 3, 1e9
-        args.splat_model, args.rgb_model = "splat-ViT-Mini-7", "ViT-Mini-7"
-        args.train_batch, args.train_steps, args.eval_repeats = 4, 2, 2
-        args.prefit_iterations = 3
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("no CUDA GPU: run with --dry-run to check the script on the CPU")
-        device = torch.device("cuda")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    global LOG_FILE
-    LOG_FILE = out / "gpu_bench.log"
-    LOG_FILE.write_text("")
-    summary: list[tuple[str, str]] = []
-
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    log(f"torch {torch.__version__}, device {name}")
-    start = time.perf_counter()
-    built = extension.build(cuda=device.type == "cuda")
-    extension.load()
-    log(
-        f"built {built['name']} ({built['devices']}, archs {built['cuda_archs']}) "
-        f"in {time.perf_counter() - start:.0f} s"
-    )
-
-    log("correctness vs reference (fp32 kernel vs fp64 reference):")
-    worst = check_correctness(device, trials=2 if args.dry_run else 8)
-    summary.append(("max rel err (goal < 1e-4)", f"{worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'}"))
-
-    if not args.skip_tests and not args.dry_run:
-        test = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_render.py"],
-            capture_output=True,
-            text=True,
-        )
-        log(test.stdout[-6000:] + test.stderr[-3000:])
-        tail = (test.stdout.strip().splitlines() or ["no output"])[-1]
-        log("GPU tests:", tail)
-        summary.append(("GPU tests", tail))
-        summary.append(("compute-sanitizer", run_sanitizer()))
-
-    photos = list(sample_photos(224).values())
-    if args.profile:
-        return profile_fit(photos, device)
+def fitting_benchmark(args, device, photos, start) -> list[tuple[str, str]]:
+    """Item 1: images/s, PSNR and peak memory per preset, budget and batch; images/s to a
+    target PSNR; GPU utilisation; the per-image loop baseline."""
+    summary = []
     rows = []  # (preset, budget, batch, images/s, PSNR, peak bytes per image)
     for preset in args.presets:
         steps = args.iterations or FitConfig.preset(preset).iterations
@@ -557,6 +472,101 @@ def main():
                 f"{rate:.0f} img/s, {psnr:.2f} dB, {peak_text(per_image, device)}/img",
             )
         )
+    return summary
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "out/gpu"))
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[400, 1600, 3136])
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--presets", nargs="+", default=["default", "paper"])
+    parser.add_argument(
+        "--iterations", type=int, help="fit steps for every preset (default: each preset's own)"
+    )
+    parser.add_argument("--splat-model", default="splat-ViT-B-16")
+    parser.add_argument("--rgb-model", default="ViT-B-16")
+    parser.add_argument("--train-batch", type=int, default=256)
+    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--eval-repeats", type=int, default=5)
+    parser.add_argument("--prefit-iterations", type=int, default=150)
+    parser.add_argument("--skip-fitting", action="store_true", help="item 3 alone")
+    parser.add_argument("--skip-training", action="store_true", help="item 1 alone")
+    parser.add_argument(
+        "--target-psnr",
+        type=float,
+        default=27.9,
+        help="mean dB the CPU fitter reaches at N=400 by default (docs)",
+    )
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=420,
+        help="seconds after which the timing grid skips configs predicted to overrun",
+    )
+    parser.add_argument("--sanitize-target", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only build, check and profile one fit (where the time goes)",
+    )
+    args = parser.parse_args()
+    if args.sanitize_target:
+        return sanitize_target()
+    if args.dry_run:
+        device = torch.device("cpu")
+        # The same steps at tiny sizes: the budgets and presets of the real run, two small
+        # batches, a few fit steps, and the training part on the miniature CLIP pair.
+        args.batches, args.iterations, args.deadline = [2, 4], 3, 1e9
+        args.splat_model, args.rgb_model = "splat-ViT-Mini-7", "ViT-Mini-7"
+        args.train_batch, args.train_steps, args.eval_repeats = 4, 2, 2
+        args.prefit_iterations = 3
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA GPU: run with --dry-run to check the script on the CPU")
+        device = torch.device("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    global LOG_FILE
+    LOG_FILE = out / "gpu_bench.log"
+    LOG_FILE.write_text("")
+    summary: list[tuple[str, str]] = []
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    log(f"torch {torch.__version__}, device {name}")
+    start = time.perf_counter()
+    built = extension.build(cuda=device.type == "cuda")
+    extension.load()
+    log(
+        f"built {built['name']} ({built['devices']}, archs {built['cuda_archs']}) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+
+    log("correctness vs reference (fp32 kernel vs fp64 reference):")
+    worst = check_correctness(device, trials=2 if args.dry_run else 8)
+    summary.append(("max rel err (goal < 1e-4)", f"{worst:.2e} {'OK' if worst < 1e-4 else 'FAIL'}"))
+
+    if not args.skip_tests and not args.dry_run:
+        test = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_render.py"],
+            capture_output=True,
+            text=True,
+        )
+        log(test.stdout[-6000:] + test.stderr[-3000:])
+        tail = (test.stdout.strip().splitlines() or ["no output"])[-1]
+        log("GPU tests:", tail)
+        summary.append(("GPU tests", tail))
+        summary.append(("compute-sanitizer", run_sanitizer()))
+
+    photos = list(sample_photos(224).values())
+    if args.profile:
+        return profile_fit(photos, device)
+    if not args.skip_fitting:
+        summary += fitting_benchmark(args, device, photos, start)
     if not args.skip_training:
         summary += train_and_eval(args, device, photos)
 
