@@ -185,7 +185,7 @@ def test_from_rgb_resamples_position_embeddings_to_the_latent_grid():
 def rgb_clip():
     torch.manual_seed(0)
     # The layout of splat-ViT-test's towers, as a pixel CLIP.
-    vision = dict(layers=2, width=64, head_width=32, patch_size=32, image_size=224)
+    vision = dict(layers=3, width=64, head_width=32, patch_size=32, image_size=224)
     text = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
     return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
 
@@ -211,7 +211,7 @@ def test_from_rgb_copies_an_open_clip_clip(rgb_clip):
 def test_from_rgb_keeps_quick_gelu():
     from timm_splat.models.convert import uses_quick_gelu
 
-    vision = dict(layers=2, width=64, head_width=32, patch_size=32, image_size=224)
+    vision = dict(layers=3, width=64, head_width=32, patch_size=32, image_size=224)
     text = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
     rgb = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
     student = from_rgb(rgb).eval()

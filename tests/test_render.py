@@ -229,7 +229,12 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
         assert torch.allclose(a, render_reference(s, 8, 8)) and torch.equal(a, b)
         print("OK")
     """)
-    env = {**os.environ, "TIMM_SPLAT_BUILD_DIR": str(tmp_path / "build")}
+    # A wheel's prebuilt library would load without compiling: this test is about compiling.
+    env = {
+        **os.environ,
+        "TIMM_SPLAT_BUILD_DIR": str(tmp_path / "build"),
+        "TIMM_SPLAT_NO_PREBUILT": "1",
+    }
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
     )

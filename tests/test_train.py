@@ -56,7 +56,7 @@ def teacher_dir(tmp_path_factory):
     cfg = {
         "embed_dim": 32,
         "vision_cfg": {
-            "layers": 2,
+            "layers": 3,
             "width": 64,
             "head_width": 32,
             "patch_size": 32,

@@ -1,4 +1,5 @@
-"""``timm-splat build [--cuda]``: compile the renderer kernels now instead of on first use."""
+"""``timm-splat build [--cuda]``: compile the renderer kernels now instead of on first use (or
+say that the wheel's prebuilt ones fit this torch and nothing needs compiling)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,19 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .. import extension
 
+    library, info, why = extension.find_prebuilt()
+    if library is not None and (not args.cuda or "cuda" in info["devices"]):
+        print(
+            f"prebuilt {' + '.join(info['devices'])} kernels fit torch {torch.__version__}: "
+            f"{library}; nothing to compile (TIMM_SPLAT_NO_PREBUILT=1 compiles anyway)"
+        )
+        if info.get("cuda_archs"):
+            print(f"CUDA archs: {info['cuda_archs']}")
+        return 0
     kind = "CPU and CUDA" if args.cuda else "CPU"
     print(f"building the {kind} renderer kernels (torch {torch.__version__})...", flush=True)
+    if library is None and "source or editable" not in why:
+        print(f"(not the prebuilt ones: {why})", flush=True)
     start = time.perf_counter()
     try:
         built = extension.build(verbose=args.verbose, cuda=args.cuda or None)

@@ -20,7 +20,7 @@ _CLIP_CONFIGS = {
     (768, 12, 16): "splat-ViT-B-16",
     (768, 12, 32): "splat-ViT-B-32",
     (1024, 24, 14): "splat-ViT-L-14",
-    (64, 2, 32): "splat-ViT-test",
+    (64, 3, 32): "splat-ViT-test",
     (128, 4, 7): "splat-ViT-Mini-7",
 }
 

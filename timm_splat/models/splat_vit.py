@@ -258,7 +258,10 @@ def _cfg(**kwargs):
         "pool_size": None,
         "crop_pct": 1.0,
         "interpolation": "bicubic",
-        "fixed_input_size": False,
+        # The latent grid (and so every feature map) stays the same whatever the input size:
+        # pixels are fitted to splats first. The reductions timm reports (stem.feat_ratio) are
+        # this input size over the grid; timm's tests and tools then feed this size.
+        "fixed_input_size": True,
         "mean": OPENAI_CLIP_MEAN,
         "std": OPENAI_CLIP_STD,
         "first_conv": "patch_embed.proj",  # the stem's first layer (a Linear on splat features)
@@ -318,8 +321,9 @@ _CLIP = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5))
 
 @register_model
 def splat_vit_test(pretrained: bool = False, **kwargs) -> SplatVisionTransformer:
-    """A tiny splat ViT (width 64, 2 blocks, 49 latents) for tests."""
-    args = dict(patch_size=32, embed_dim=64, depth=2, num_heads=2, num_latents=49, **_CLIP)
+    """A tiny splat ViT (width 64, 3 blocks, 49 latents) for tests: 3 blocks, the feature levels
+    timm's generic tests ask of a model with forward_intermediates."""
+    args = dict(patch_size=32, embed_dim=64, depth=3, num_heads=2, num_latents=49, **_CLIP)
     return _create("splat_vit_test", pretrained, **dict(args, **kwargs))
 
 
