@@ -628,3 +628,86 @@ def test_run_json_without_world_size(baseline, image_folder, tmp_path, capsys):
     )
     assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
     assert "run.json: world_size is None" in capsys.readouterr().err
+
+
+def test_a_shard_that_decodes_to_too_many_splats_is_refused(tmp_path, monkeypatch):
+    """Zero padding compresses to nothing: rows x splats is bounded from the metadata."""
+    from datasets import Features, Sequence, Value
+
+    from timm_splat.data import shards
+
+    monkeypatch.setattr(shards, "MAX_SPLATS_PER_SHARD", 100)
+    fixed = tmp_path / "fixed"
+    path = write_shard(fixed, good_rows(30, 4))  # 120 splats
+    with pytest.raises(ValueError, match=rf"{path} holds 30 rows of up to 4 splats \(120 in all"):
+        load_prefit(fixed, SPLIT, cache_dir=str(tmp_path / "cache"))
+    lists = tmp_path / "lists"  # rows of any length: counted from the column chunks
+    features = Features(
+        {"splats": Sequence(Sequence(Value("float16"), length=8)), "label": Value("int64")}
+    )
+    write_shard(lists, good_rows(30, 4), features)
+    with pytest.raises(ValueError, match=r"\(120 in all\)"):
+        load_prefit(lists, SPLIT, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(shards, "MAX_SPLATS_PER_SHARD", 120)
+    assert len(load_prefit(lists, SPLIT, cache_dir=str(tmp_path / "cache"))) == 30
+
+
+def test_prefit_refuses_shards_it_could_not_read_back(image_folder, tmp_path, capsys):
+    args = run_args(image_folder, tmp_path / "out", "--shard-size", str(1 << 20))
+    assert main(args) == 2
+    assert "use a smaller --shard-size" in capsys.readouterr().err
+
+
+def test_pipes_and_links_outside_the_folder_are_refused(tmp_path):
+    dataset = tmp_path / "dataset"
+    write_shard(dataset, good_rows(2))
+    fifo = dataset / "data" / f"{SPLIT}-00000-00001.parquet"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(ValueError, match=rf"{fifo} is not a regular file"):
+        load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))
+    fifo.unlink()
+
+    outside = tmp_path / "outside"
+    write_shard(outside, good_rows(5))
+    link = dataset / "data" / f"{SPLIT}-00000-00001.parquet"
+    link.symlink_to(outside / "data" / f"{SPLIT}-00000-00000.parquet")
+    with pytest.raises(ValueError, match=rf"{link} is .*symbolic link to .*outside"):
+        load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))
+    link.unlink()
+
+    # A link that stays inside the folder is followed.
+    (dataset / "store").mkdir()
+    shutil.copy(dataset / "data" / f"{SPLIT}-00000-00000.parquet", dataset / "store" / "a.parquet")
+    link.symlink_to(dataset / "store" / "a.parquet")
+    assert len(load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))) == 4
+    link.unlink()
+
+    linked = tmp_path / "linked"  # data/ itself a link to another dataset's
+    linked.mkdir()
+    (linked / "data").symlink_to(outside / "data")
+    with pytest.raises(ValueError, match="outside"):
+        load_prefit(linked, SPLIT, cache_dir=str(tmp_path / "cache"))
+
+
+def test_hub_cache_links_into_its_blobs_are_followed(baseline, tmp_path, monkeypatch):
+    """snapshot_download leaves snapshot files as links to ../../blobs: inside the repo's cache
+    folder, so they are read."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--org--splats-gs16"
+    snapshot, blobs = repo / "snapshots" / commit, repo / "blobs"
+    blobs.mkdir(parents=True)
+    for file in baseline[0].rglob("*"):
+        if file.is_file() and ".prefit" not in file.parts:
+            blob = blobs / f"blob{len(list(blobs.iterdir()))}"
+            shutil.copy(file, blob)
+            target = snapshot / file.relative_to(baseline[0])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(os.path.relpath(blob, target.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rows = load_prefit("org/splats-gs16", cache_dir=str(tmp_path / "cache"))
+    assert len(rows) == 12

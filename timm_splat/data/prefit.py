@@ -48,7 +48,15 @@ from .journal import (
     write_atomic,
 )
 from .ranks import Ranks
-from .shards import FORMAT_VERSION, Row, ShardWriter, Uploader, prefit_features, upload_target
+from .shards import (
+    FORMAT_VERSION,
+    MAX_SPLATS_PER_SHARD,
+    Row,
+    ShardWriter,
+    Uploader,
+    prefit_features,
+    upload_target,
+)
 from .sources import Item, Source, open_source
 
 logger = logging.getLogger(__name__)
@@ -297,6 +305,12 @@ def prefit(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise PrefitError(f"{name} must be a positive int, got {value!r}")
+    if shard_size * num_splats > MAX_SPLATS_PER_SHARD:  # load_prefit would refuse the shards
+        raise PrefitError(
+            f"shard_size {shard_size} x num_splats {num_splats} is more than "
+            f"{MAX_SPLATS_PER_SHARD} splats per shard, which load_prefit reads: use a smaller "
+            "--shard-size"
+        )
     fit_options.pop("batch_size", None)  # batch_size above decides
     transform = SplatTransform(
         num_splats, image_size, crop_pct=crop_pct, interpolation=interpolation, **fit_options
