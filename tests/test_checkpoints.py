@@ -286,3 +286,12 @@ def test_pruning_keeps_this_checkpoint_whatever_newer_folders_exist(accelerator,
         "step_9999999",
     ]
     assert latest_checkpoint(copy) == copy / "step_0000003"
+
+
+def test_the_callers_check_passes_over_a_checkpoint_too(accelerator, copy):
+    def check(position, folder):
+        if position["step"] > 1:
+            raise ValueError(f"{folder}: step {position['step']} is beyond this run")
+
+    (path, position, skipped), _ = resume(accelerator, copy, check=check)
+    assert path.name == "step_0000001" and "step 2 is beyond this run" in skipped[0]

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -523,11 +524,14 @@ def resume_checkpoint(
     optimizer,
     scheduler,
     bounds: dict | None = None,
+    check: Callable[[dict, Path], None] | None = None,
 ) -> tuple[Path, dict, list[str]] | None:
     """Load the newest checkpoint that verifies and restores (:func:`load_checkpoint`), falling
     back to older ones: ``(folder, position, skipped)``, ``skipped`` one line per newer
-    checkpoint passed over and why (also logged as warnings). None when there is no complete
-    checkpoint (start afresh); CheckpointError when there are some and none restores."""
+    checkpoint passed over and why (also logged as warnings). ``check(position, folder)``: the
+    caller's own test of a restored position (against the run's totals); a ValueError from it
+    passes over that checkpoint too. None when there is no complete checkpoint (start afresh);
+    CheckpointError when there are some and none restores."""
     checkpoints_dir = Path(checkpoints_dir)
     complete = complete_checkpoints(checkpoints_dir)
     skipped = []
@@ -541,7 +545,9 @@ def resume_checkpoint(
                 scheduler=scheduler,
                 bounds=bounds,
             )
-        except CheckpointError as exc:
+            if check is not None:
+                check(position, path)
+        except ValueError as exc:
             line = f"skipped checkpoint {path.name}: {exc}"
             logger.warning("%s", line)
             skipped.append(line)

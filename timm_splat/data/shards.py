@@ -209,11 +209,13 @@ def check_shards(
     links are followed only when they stay there), readable, rows of splats ``[N, 8]`` with a
     sane N, at most MAX_SPLATS_PER_SHARD splats, and no more decoded bytes per row than such
     rows need. Raises ValueError naming the bad file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = Path(folder)
     root = Path(root or folder).resolve()
     files: dict[str, list[Path]] = {}
+    kinds: dict[str, tuple] = {}  # split -> (splats layout, first file)
     for file in sorted((folder / "data").glob("*.parquet")):
         name = file.name.split("-")[0]
         if split is None or name == split:
@@ -228,11 +230,21 @@ def check_shards(
         _regular_file_inside(file, root)
         try:
             meta = pq.read_metadata(file)
-        except (OSError, ValueError) as exc:  # zero bytes, cut short, not parquet
+            schema = meta.schema.to_arrow_schema()
+        except (OSError, ValueError, pa.ArrowException) as exc:  # cut short, not parquet
             raise ValueError(
                 f"{file} is not a readable parquet shard ({exc}): restore it or delete it"
             ) from exc
-        num_splats = _splats_per_row(meta.schema.to_arrow_schema(), file)
+        num_splats = _splats_per_row(schema, file)
+        _check_columns(schema, file)
+        kind = str(schema.field("splats").type), num_splats
+        first = kinds.setdefault(file.name.split("-")[0], (kind, file))
+        if first[0] != kind:
+            raise ValueError(
+                f"{file} stores splats as {kind[0]} of up to {kind[1]}, {first[1]} as "
+                f"{first[0][0]} of up to {first[0][1]}: one split's shards must share a layout "
+                "(pre-fit them with one --num-splats, or split them)"
+            )
         total = _splats_in_shard(meta, num_splats)
         if total > MAX_SPLATS_PER_SHARD:
             raise ValueError(
@@ -248,6 +260,23 @@ def check_shards(
                 f"{num_splats} splats: not a pre-fitted shard"
             )
     return files
+
+
+def _check_columns(schema, file: Path) -> None:
+    """The other columns readers use have their types: integer labels, string captions and
+    ids (a string label or a number caption would fail deep inside training)."""
+    import pyarrow as pa
+
+    wanted = {
+        "label": ("integers", pa.types.is_integer),
+        "caption": ("strings", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+        "source_id": ("strings", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    }
+    for name, (what, ok) in wanted.items():
+        if name in schema.names:
+            kind = schema.field(name).type
+            if not (ok(kind) or pa.types.is_null(kind)):
+                raise ValueError(f"{file}: column {name!r} holds {kind}, not {what}")
 
 
 def _splats_in_shard(meta, num_splats: int) -> int:
