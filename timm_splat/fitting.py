@@ -82,14 +82,14 @@ class FitConfig:
             "iterations": self.iterations >= 0,
             "init": self.init in ("adaptive", "grid", "random"),
             "init_scale": self.init_scale >= 1.0,
-            "init_sigma": self.init_sigma > 0,
+            "init_sigma": 0 < self.init_sigma <= 10,  # in splat spacings: 10 blurs the image
             "init_uniform": 0 <= self.init_uniform <= 1,
             "init_smooth": self.init_smooth >= 0,
             "color_solve": self.color_solve >= 0,
             "relocate_every": self.relocate_every >= 0,
             "relocate_start": 0.0 <= self.relocate_start <= self.relocate_end <= 1.0,
             "relocate_fraction": 0 <= self.relocate_fraction <= 1,
-            "relocate_sigma": self.relocate_sigma > 0,
+            "relocate_sigma": 0 < self.relocate_sigma <= 10,
             "relocate_solve": self.relocate_solve >= 0,
             "final_solve": self.final_solve >= 0,
             "codec_steps": self.codec_steps >= 0,
@@ -405,7 +405,10 @@ def fit_splats(
     if device is None:
         first = images[0] if isinstance(images, (list, tuple)) and images else images
         device = first.device if isinstance(first, torch.Tensor) else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
     if isinstance(images, torch.Tensor) and images.dim() == 4:  # one batch: keep it whole
         batch = to_rgb_batch(images)
         groups = {tuple(batch.shape[-2:]): (list(range(len(batch))), batch)}

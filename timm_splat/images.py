@@ -98,6 +98,12 @@ def _to_rgb(chw: torch.Tensor, shape) -> torch.Tensor:
 
 def _from_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``[3, H, W]`` / ``[B, 3, H, W]`` (or one / four channels) -> float32 ``[B, 3, H, W]``."""
+    if tensor.layout != torch.strided:
+        raise ValueError(
+            f"image tensors must be dense, got a {tensor.layout} tensor: .to_dense() it"
+        )
+    if tensor.device.type == "meta":
+        raise ValueError("image tensors must hold pixels, got a tensor on the meta device")
     if tensor.dim() == 2:
         tensor = tensor[None, None]
     elif tensor.dim() == 3:

@@ -104,12 +104,17 @@ def from_fp16_bytes(data: bytes, num_splats: int | None = None) -> torch.Tensor:
             f"splat bytes must be a multiple of {BYTES_PER_SPLAT_FP16} (8 fp16 values per splat), "
             f"got {len(data)} bytes"
         )
+    if num_splats is not None and (
+        isinstance(num_splats, bool) or not isinstance(num_splats, int) or num_splats < 1
+    ):
+        raise ValueError(f"num_splats must be a positive int, got {num_splats!r}")
     splats = torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32))
     splats = splats.reshape(-1, SPLAT_CHANNELS)
     if num_splats is not None:
         if splats.shape[0] % num_splats:
             raise ValueError(f"{splats.shape[0]} splats do not split into sets of {num_splats}")
         splats = splats.reshape(-1, num_splats, SPLAT_CHANNELS)
+    check_splats(splats, "splat bytes")  # fp16 bytes may hold NaN, inf or invalid rows
     return splats
 
 
@@ -176,10 +181,10 @@ def load_splats(path) -> tuple[torch.Tensor, dict[str, str]]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            splats, metadata = f.get_tensor("splats").float(), dict(f.metadata() or {})
+            splats, metadata = f.get_tensor("splats"), dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for bad headers
         if isinstance(exc, FileNotFoundError):
             raise
         raise ValueError(f"{path} is not a splat file ({type(exc).__name__}: {exc})") from exc
-    check_splats(splats, f"splats in {path}")
-    return splats, metadata
+    check_splats(splats, f"splats in {path}")  # before .float(): ints and bools are refused
+    return splats.float(), metadata

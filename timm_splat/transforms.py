@@ -45,6 +45,9 @@ INTERPOLATIONS = {
     )
 }
 CROP_MODES = ("center", "squash")
+# A resized side longer than this many crop sides (an extreme aspect ratio) is resized only
+# where the crop keeps it: memory stays bounded by the crop, as fit_splats' max_size bounds its.
+_MAX_RESIZE_RATIO = 4
 _ACCEPTED = (
     "a PIL image, a numpy array (HW or HWC), an image tensor [3, H, W] (uint8, or float in "
     "[0, 1]) or fitted splats [n, 8] (float)"
@@ -242,6 +245,12 @@ class SplatTransform:
                 )
             if img.dim() not in (2, 3):
                 raise ValueError(f"expected {_ACCEPTED}; got a tensor of shape {tuple(img.shape)}")
+            if img.dim() == 3 and img.shape[-1] == SPLAT_CHANNELS and img.shape[0] not in (1, 3, 4):
+                raise ValueError(
+                    f"got a tensor {tuple(img.shape)}: a batch of splat sets [B, N, 8]? "
+                    "SplatTransform takes one image or one splat set [n, 8]; pass the sets one "
+                    "by one"
+                )
         elif not isinstance(img, np.ndarray) and not isinstance(img, Image.Image):
             raise TypeError(f"expected {_ACCEPTED}; got {type(img).__name__}")
         return to_rgb_tensors(img)[0]  # any PIL mode / dtype -> float [3, H, W] in [0, 1]
@@ -259,9 +268,35 @@ class SplatTransform:
         else:  # timm's ResizeKeepRatio: the smallest scale that covers (scale_h, scale_w)
             ratio = min(height / scale_h, width / scale_w)
             size = (round(height / ratio), round(width / ratio))
+        if any(side > _MAX_RESIZE_RATIO * c for side, c in zip(size, crop)):
+            return self._resize_crop_part(pixels, size, crop).contiguous()
         if size != (height, width):
             pixels = TF.resize(pixels, list(size), interpolation=self.interpolation, antialias=True)
             pixels = pixels.clamp(0, 1)  # bicubic overshoots at edges
         if size != crop:
             pixels = TF.center_crop(pixels, list(crop))
         return pixels.contiguous()
+
+    def _resize_crop_part(self, pixels: torch.Tensor, size, crop) -> torch.Tensor:
+        """Resize + centre-crop of an image far longer than the crop on some side (a 10000 x 1
+        strip resized to 224 high is 2.2M pixels wide): only the part of the source the crop
+        keeps (and the filter's reach around it) is resized, so memory follows the crop, not
+        the source's aspect ratio."""
+        parts, lengths, offsets = [], [], []
+        for axis, (resized, c) in enumerate(zip(size, crop)):
+            source = pixels.shape[-2 + axis]
+            factor = resized / source
+            start = int(round((resized - c) / 2.0))  # TF.center_crop's offset
+            # Bicubic reaches 2 source pixels (2 / factor when antialiased downsampling).
+            margin = math.ceil(2 / min(factor, 1.0)) + 2
+            low = max(0, math.floor(start / factor) - margin)
+            high = min(source, math.ceil((start + c) / factor) + margin)
+            parts.append(slice(low, high))
+            lengths.append(max(c, round((high - low) * factor)))
+            offsets.append(int(round(start - low * factor)))
+        part = pixels[..., parts[0], parts[1]]
+        part = TF.resize(part, lengths, interpolation=self.interpolation, antialias=True)
+        part = part.clamp(0, 1)
+        height, width = crop
+        top, left = (min(max(0, o), n - c) for o, n, c in zip(offsets, lengths, crop))
+        return part[..., top : top + height, left : left + width]

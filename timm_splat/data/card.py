@@ -4,13 +4,12 @@ run's settings and every finished split's statistics."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ..fitting import FitConfig
 from ..resources import card_template
 from ..splats import BYTES_PER_SPLAT_FP16, compression_ratio
-from .journal import STATE_DIR, PrefitError, Stats, write_atomic
+from .journal import STATE_DIR, PrefitError, Stats, read_run, read_state_json, write_atomic
 
 CARD_TEMPLATE = card_template("dataset_card.md")
 
@@ -60,12 +59,19 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
 
     out = Path(out)
     state = out / STATE_DIR
-    settings = json.loads((state / "settings.json").read_text())
+    settings = read_state_json(state / "settings.json")
     splits, sources = [], {}
     for path in sorted(state.glob("*/summary.json")):
-        summary = Stats.from_dict(json.loads(path.read_text())).summary()
+        try:
+            summary = Stats.from_dict(read_state_json(path)).summary()
+        except PrefitError:
+            raise
+        except ValueError as exc:
+            raise PrefitError(
+                f"{path}: {exc}; delete it and run the same prefit command again to rewrite it"
+            ) from exc
         splits.append({"name": path.parent.name, **summary})
-        run = json.loads((path.parent / "run.json").read_text())
+        run = read_run(path.parent / "run.json")
         sources.setdefault(_describe_source(run), []).append(path.parent.name)
     if not splits:
         raise PrefitError(f"{out} holds no finished split yet")
@@ -100,7 +106,7 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
             }
         ],
     )
-    kind = json.loads((state / first_run / "run.json").read_text())["source_kind"]
+    kind = read_run(state / first_run / "run.json")["source_kind"]
     context = dict(
         source_text=text[0].upper() + text[1:],
         source_text_lower=text,

@@ -37,7 +37,12 @@ def caption_of(caption, label, class_names, templates=None, rng=None) -> str:
     drawn with ``rng``, default Python's ``random``) or in "a photo of a {}"; else ""."""
     if caption:
         return caption
-    if class_names and label is not None and 0 <= label < len(class_names):
+    if class_names and label is not None and label != -1:  # -1: prefit's "no label"
+        if not 0 <= label < len(class_names):
+            raise ValueError(
+                f"label {label} has no class name ({len(class_names)} classes): the data's "
+                "labels and class names do not match"
+            )
         name = class_names[label].replace("_", " ")
         return (rng or random).choice(templates)(name) if templates else f"a photo of a {name}"
     return ""

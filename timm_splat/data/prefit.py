@@ -38,9 +38,25 @@ from ..fitting import FitConfig, fit_splats, resolve_config
 from ..splats import DEFAULT_NUM_SPLATS, splat_count
 from ..transforms import SplatTransform
 from .card import write_card
-from .journal import STATE_DIR, Journal, PrefitError, Stats, write_atomic
+from .journal import (
+    STATE_DIR,
+    Journal,
+    PrefitError,
+    Stats,
+    read_run,
+    read_state_json,
+    write_atomic,
+)
 from .ranks import Ranks
-from .shards import FORMAT_VERSION, Row, ShardWriter, Uploader, prefit_features, upload_target
+from .shards import (
+    FORMAT_VERSION,
+    MAX_SPLATS_PER_SHARD,
+    Row,
+    ShardWriter,
+    Uploader,
+    prefit_features,
+    upload_target,
+)
 from .sources import Item, Source, open_source
 
 logger = logging.getLogger(__name__)
@@ -70,7 +86,7 @@ def _check_settings(out: Path, split: str, settings: dict, run: dict) -> None:
     state = out / STATE_DIR
     path = state / "settings.json"
     if path.exists():
-        diffs = _diffs(json.loads(path.read_text()), settings)
+        diffs = _diffs(read_state_json(path), settings)
         if diffs:
             raise PrefitError(
                 f"{out} holds splats pre-fitted with other settings ({diffs}). Shards of "
@@ -88,7 +104,7 @@ def _check_settings(out: Path, split: str, settings: dict, run: dict) -> None:
     if not run_path.exists():
         write_atomic(run_path, json.dumps(run, indent=2, sort_keys=True))
         return
-    stored = json.loads(run_path.read_text())
+    stored = read_run(run_path)
     redo = (
         f"pass a new --out, or delete {out / 'data'}/{split}-* and {state / split} to fit "
         "the split again"
@@ -152,15 +168,15 @@ def _split_state(out: Path, split: str, rank: int, journal: Journal, uploader_ta
         tmp.unlink()
     known = set(journal.files)
     for path in (out / "data").glob(f"{split}-{rank:05d}-*.parquet"):
-        if f"data/{path.name}" not in known:  # renamed in, but killed before the journal line
+        # Only names pre-fitting gives its shards: renamed in, but killed before the journal line.
+        if f"data/{path.name}" not in known and _SHARD_NAME.match(path.name):
             path.unlink()
-    missing = [f for f in journal.files if not (out / f).exists()]
-    if missing:
-        raise PrefitError(
-            f"{len(missing)} finished shard(s) of split {split!r} are missing from {out} "
-            f"({missing[0]}, ...): restore them, or delete {out / 'data'}/{split}-* and "
-            f"{out / STATE_DIR / split} to fit the split again"
-        )
+    redo = (
+        f"restore it, or delete {out / 'data'}/{split}-* and {out / STATE_DIR / split} to fit the "
+        "split again"
+    )
+    for file, rows, size in zip(journal.files, journal.rows, journal.sizes):
+        _check_journalled_shard(out / file, rows, size, redo)
     if uploader_target is None:
         return []
     return [
@@ -168,6 +184,34 @@ def _split_state(out: Path, split: str, rank: int, journal: Journal, uploader_ta
         for k, file in enumerate(journal.files)
         if (k, uploader_target) not in journal.pushed
     ]
+
+
+_SHARD_NAME = re.compile(r"^\w+(\.\w+)*-\d{5}-\d{5}\.parquet$")
+
+
+def _check_journalled_shard(path: Path, rows: int, size: int, redo: str) -> None:
+    """A finished shard is still what the journal says: a regular file (not a link to
+    elsewhere) of the journalled size and row count."""
+    import pyarrow.parquet as pq
+
+    if path.is_symlink() or not path.exists():
+        what = "is a symbolic link" if path.is_symlink() else "is missing"
+        raise PrefitError(f"finished shard {path} {what}: {redo}")
+    if not path.is_file():
+        raise PrefitError(f"finished shard {path} is not a regular file: {redo}")
+    if path.stat().st_size != size:
+        raise PrefitError(
+            f"finished shard {path} has {path.stat().st_size} bytes, its journal says {size}: "
+            f"it was changed or cut short; {redo}"
+        )
+    try:
+        found = pq.read_metadata(path).num_rows
+    except (OSError, ValueError) as exc:
+        raise PrefitError(f"finished shard {path} is not readable parquet ({exc}): {redo}") from exc
+    if found != rows:
+        raise PrefitError(
+            f"finished shard {path} holds {found} rows, its journal says {rows}: {redo}"
+        )
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -261,6 +305,12 @@ def prefit(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise PrefitError(f"{name} must be a positive int, got {value!r}")
+    if shard_size * num_splats > MAX_SPLATS_PER_SHARD:  # load_prefit would refuse the shards
+        raise PrefitError(
+            f"shard_size {shard_size} x num_splats {num_splats} is more than "
+            f"{MAX_SPLATS_PER_SHARD} splats per shard, which load_prefit reads: use a smaller "
+            "--shard-size"
+        )
     fit_options.pop("batch_size", None)  # batch_size above decides
     transform = SplatTransform(
         num_splats, image_size, crop_pct=crop_pct, interpolation=interpolation, **fit_options
@@ -275,7 +325,13 @@ def prefit(
         settings["keep_images"] = True
     _check_settings(out, split, settings, run)
 
-    journal = Journal(out / STATE_DIR / split / f"rank-{rank:05d}.jsonl")
+    journal = Journal(
+        out / STATE_DIR / split / f"rank-{rank:05d}.jsonl",
+        split=split,
+        rank=rank,
+        world_size=world,
+        num_items=source.num_items,
+    )
     unpushed = _split_state(out, split, rank, journal, uploader and upload_target(uploader))
     writer = ShardWriter(
         out,

@@ -5,6 +5,7 @@ Features in each file's schema metadata, ``data/{split}-{rank:05d}-{shard:05d}.p
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -137,6 +138,7 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
 
     path = Path(path_or_repo).expanduser()
     name = str(path_or_repo)
+    root = None  # where the folder's files may live (links are followed only inside it)
     if not path.exists():
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise FileNotFoundError(f"no pre-fitted dataset at {name}: no such folder")
@@ -144,10 +146,11 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
         if snapshot is not None:
             load_kwargs.pop("revision", None)  # the snapshot is that revision
             path = snapshot
+            root = snapshot.parent.parent  # the Hub cache links snapshot files to ../../blobs
     if path.exists():
         # A local folder is read from its own data/ files, checked first, never from paths its
         # card names (a card could point outside the folder).
-        files = check_shards(path, split)
+        files = check_shards(path, split, root=root)
         data_files = {k: [str(f) for f in v] for k, v in files.items()}
         try:
             ds = load_dataset("parquet", data_files=data_files, split=split, **load_kwargs)
@@ -175,16 +178,44 @@ def load_prefit(path_or_repo: str | Path, split: str | None = None, **load_kwarg
 # row is not a pre-fitted dataset but a decompression bomb.
 MAX_ROW_EXTRA_BYTES = 64 * 1024
 MAX_SPLATS_PER_ROW = 1 << 16
+# Splats one shard may hold (rows x N), checked before decoding: 8M splats are 128 MiB of fp16
+# (prefit's default shard of 1000 rows x 400 is 0.4M). Zero padding compresses to nothing, so
+# without this an 88 KB file decoded to 766 MB.
+MAX_SPLATS_PER_SHARD = 1 << 23
 
 
-def check_shards(folder: Path, split: str | None = None) -> dict[str, list[Path]]:
+def _regular_file_inside(file: Path, root: Path) -> None:
+    """ValueError unless ``file`` is a regular file whose real path is inside ``root``: a link
+    is followed only when it stays in the dataset (a FIFO would block the reader forever)."""
+    real = file.resolve()
+    if not real.is_relative_to(root):
+        raise ValueError(
+            f"{file} is (or is under) a symbolic link to {real}, outside {root}: load_prefit reads "
+            "only files inside the dataset folder; copy the shards in instead of linking them"
+        )
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        raise ValueError(f"{file} cannot be read ({exc})") from exc
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{file} is not a regular file (a pipe, device or folder): remove it")
+
+
+def check_shards(
+    folder: Path, split: str | None = None, root: Path | None = None
+) -> dict[str, list[Path]]:
     """``{split: parquet files}`` of a local pre-fitted dataset, each checked from its metadata
-    alone (no rows decoded): readable, rows of splats ``[N, 8]`` with a sane N, and no more
-    decoded bytes per row than such rows need. Raises ValueError naming the bad file."""
+    alone (no rows decoded): a regular file inside ``root`` (default: the folder; symbolic
+    links are followed only when they stay there), readable, rows of splats ``[N, 8]`` with a
+    sane N, at most MAX_SPLATS_PER_SHARD splats, and no more decoded bytes per row than such
+    rows need. Raises ValueError naming the bad file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = Path(folder)
+    root = Path(root or folder).resolve()
     files: dict[str, list[Path]] = {}
+    kinds: dict[str, tuple] = {}  # split -> (splats layout, first file)
     for file in sorted((folder / "data").glob("*.parquet")):
         name = file.name.split("-")[0]
         if split is None or name == split:
@@ -196,13 +227,31 @@ def check_shards(folder: Path, split: str | None = None) -> dict[str, list[Path]
             "(a timm-splat prefit output folder or a downloaded copy)"
         )
     for file in (f for group in files.values() for f in group):
+        _regular_file_inside(file, root)
         try:
             meta = pq.read_metadata(file)
-        except (OSError, ValueError) as exc:  # zero bytes, cut short, not parquet
+            schema = meta.schema.to_arrow_schema()
+        except (OSError, ValueError, pa.ArrowException) as exc:  # cut short, not parquet
             raise ValueError(
                 f"{file} is not a readable parquet shard ({exc}): restore it or delete it"
             ) from exc
-        num_splats = _splats_per_row(meta.schema.to_arrow_schema(), file)
+        num_splats = _splats_per_row(schema, file)
+        _check_columns(schema, file)
+        kind = str(schema.field("splats").type), num_splats
+        first = kinds.setdefault(file.name.split("-")[0], (kind, file))
+        if first[0] != kind:
+            raise ValueError(
+                f"{file} stores splats as {kind[0]} of up to {kind[1]}, {first[1]} as "
+                f"{first[0][0]} of up to {first[0][1]}: one split's shards must share a layout "
+                "(pre-fit them with one --num-splats, or split them)"
+            )
+        total = _splats_in_shard(meta, num_splats)
+        if total > MAX_SPLATS_PER_SHARD:
+            raise ValueError(
+                f"{file} holds {meta.num_rows} rows of up to {num_splats} splats ({total} in "
+                f"all), more than MAX_SPLATS_PER_SHARD={MAX_SPLATS_PER_SHARD} a shard may "
+                "decode to: not a pre-fitted shard (prefit writes smaller ones)"
+            )
         decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         limit = meta.num_rows * (num_splats * SPLAT_CHANNELS * 4 + MAX_ROW_EXTRA_BYTES)
         if decoded > limit:
@@ -211,6 +260,37 @@ def check_shards(folder: Path, split: str | None = None) -> dict[str, list[Path]
                 f"{num_splats} splats: not a pre-fitted shard"
             )
     return files
+
+
+def _check_columns(schema, file: Path) -> None:
+    """The other columns readers use have their types: integer labels, string captions and
+    ids (a string label or a number caption would fail deep inside training)."""
+    import pyarrow as pa
+
+    wanted = {
+        "label": ("integers", pa.types.is_integer),
+        "caption": ("strings", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+        "source_id": ("strings", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    }
+    for name, (what, ok) in wanted.items():
+        if name in schema.names:
+            kind = schema.field(name).type
+            if not (ok(kind) or pa.types.is_null(kind)):
+                raise ValueError(f"{file}: column {name!r} holds {kind}, not {what}")
+
+
+def _splats_in_shard(meta, num_splats: int) -> int:
+    """The splats a shard decodes to, from its metadata: rows x N for a fixed ``[N, 8]``
+    column; for rows of any length, the values its splats column chunks declare / 8."""
+    if num_splats < MAX_SPLATS_PER_ROW:
+        return meta.num_rows * num_splats
+    leaves = [
+        i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == "splats"
+    ]
+    values = sum(
+        meta.row_group(g).column(i).num_values for g in range(meta.num_row_groups) for i in leaves
+    )
+    return max(values // SPLAT_CHANNELS, meta.num_rows)
 
 
 def _splats_per_row(schema, file: Path) -> int:

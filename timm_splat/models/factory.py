@@ -67,7 +67,81 @@ def resolve_run(path: Path) -> tuple[Path, dict]:
             f"{path}: weights must be a .safetensors file (pickle checkpoints are not loaded)"
         )
     run_file = path.parent / "run.json"
-    return path, json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run = _read_config(run_file) if run_file.is_file() else {}
+    budget, model, quick = run.get("num_splats"), run.get("model"), run.get("quick_gelu", False)
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+    ):
+        raise ValueError(f"{run_file}: num_splats must be a positive int, got {budget!r}")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"{run_file}: model must be a config name, got {model!r}")
+    if not isinstance(quick, bool):
+        raise ValueError(f"{run_file}: quick_gelu must be true or false, got {quick!r}")
+    return path, run
+
+
+def _read_config(path: Path, what: str = "a JSON object") -> dict:
+    """A model folder's JSON file as a dict, or ValueError naming the file."""
+    try:
+        data = json.loads(path.read_bytes())
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a model config") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not {what}")
+    return data
+
+
+def _check_open_clip_config(config: dict, path: Path) -> None:
+    """What open_clip would build from ``config``, checked before it allocates: a splat trunk,
+    a sane size for the text tower and projections, and timm_splat's own entries."""
+    from timm.models import is_model
+
+    model_cfg = config.get("model_cfg")
+    vision, text = (
+        (model_cfg.get(k) for k in ("vision_cfg", "text_cfg"))
+        if isinstance(model_cfg, dict)
+        else (None, None)
+    )
+    if not isinstance(vision, dict) or not isinstance(text, dict):
+        raise ValueError(f"{path}: model_cfg needs vision_cfg and text_cfg objects")
+    trunk = vision.get("timm_model_name")
+    if not (isinstance(trunk, str) and trunk.startswith("splat_vit") and is_model(trunk)):
+        raise ValueError(
+            f"{path}: vision_cfg.timm_model_name is {trunk!r}, not a splat ViT (splat_vit_*): "
+            "this is not a timm-splat model folder"
+        )
+    width = text.get("width", 512)
+    embed_dim = model_cfg.get("embed_dim", 512)
+    context = text.get("context_length", 77)
+    check_model_size(
+        width,
+        text.get("layers", 12),
+        text.get("mlp_ratio", 4.0),
+        what=f"the text tower of {path}",
+        tables={
+            "vocab_size": text.get("vocab_size", 49408),
+            "context_length": context,
+            "embed_dim": embed_dim,  # the text projection
+        },
+        # open_clip's causal mask is context x context; the image projection at most 4096 wide
+        extra={
+            "attention mask": context * context if isinstance(context, int) else context,
+            "image projection": embed_dim * 4096 if isinstance(embed_dim, int) else embed_dim,
+        },
+    )
+    stored = config.get("timm_splat", {})
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: timm_splat must be an object, got {stored!r:.60}")
+    budget = stored.get("num_splats")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+    ):
+        raise ValueError(f"{path}: timm_splat.num_splats must be a positive int, got {budget!r}")
+    name = stored.get("model_name")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"{path}: timm_splat.model_name must be a string, got {name!r}")
 
 
 def load_clip(
@@ -82,6 +156,7 @@ def load_clip(
     overrides the stored budget. ``info``: ``model`` (config name), ``num_splats``,
     ``tokenizer`` (the name for ``open_clip.get_tokenizer``) and ``run`` (run.json or {})."""
     import open_clip
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     register_open_clip_configs()
@@ -97,16 +172,15 @@ def load_clip(
             config_file = hf_hub_download(pretrained.removeprefix("hf-hub:"), OPEN_CLIP_CONFIG)
         else:
             config_file = local / OPEN_CLIP_CONFIG
-        config = json.loads(Path(config_file).read_text())
-        text = config.get("model_cfg", {}).get("text_cfg", {})
-        check_model_size(
-            text.get("width", 512),
-            text.get("layers", 12),
-            text.get("mlp_ratio", 4.0),
-            what=f"the text tower of {pretrained}",
-        )
+        config = _read_config(Path(config_file))
+        _check_open_clip_config(config, Path(config_file))
         # Weights saved with local_latents=False switch the stem to match as they load.
-        model = open_clip.create_model(source, device=device)
+        try:
+            model = open_clip.create_model(source, device=device)
+        except SafetensorError as exc:
+            raise ValueError(
+                f"{pretrained}: the weights do not load ({exc}); restore them"
+            ) from exc
         stored = config.get("timm_splat", {})
         name, tokenizer = stored.get("model_name"), source
         if model_name and name and model_name != name:
@@ -132,7 +206,15 @@ def load_clip(
         if run.get("quick_gelu"):
             set_quick_gelu(model)
         if weights is not None:
-            model.load_state_dict(_strip_prefixes(load_file(str(weights))), strict=True)
+            try:
+                state = load_file(str(weights))
+            except SafetensorError as exc:
+                raise ValueError(f"{weights} is not a readable safetensors file ({exc})") from exc
+            try:
+                model.load_state_dict(_strip_prefixes(state), strict=True)
+            except RuntimeError as exc:  # missing / unexpected keys, other shapes
+                first = str(exc).strip().splitlines()[0]
+                raise ValueError(f"{weights} does not fit a {name}: {first}") from exc
         model.to(device)
         tokenizer = name
     trunk = splat_trunk(model)

@@ -38,17 +38,40 @@ from .stem import NO_TORCHSCRIPT, GSStem
 MAX_PARAMETERS = 2_000_000_000
 
 
-def check_model_size(width, depth, mlp_ratio=4.0, what: str = "the splat ViT") -> None:
-    """ValueError when a transformer of this shape would exceed MAX_PARAMETERS."""
-    try:
-        parameters = float(depth) * float(width) ** 2 * (4 + 2 * float(mlp_ratio))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what}: width {width!r} and depth {depth!r} must be numbers") from exc
-    if not 0 <= parameters <= MAX_PARAMETERS:
+def _count(value, name: str, what: str, integer: bool = True) -> float:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not 0 <= value < float("inf") or (integer and int(value) != value):
+        kind = "an int" if integer else "a number"
+        raise ValueError(f"{what}: {name} must be {kind} >= 0, got {value!r}")
+    return float(value)
+
+
+def check_model_size(
+    width,
+    depth,
+    mlp_ratio=4.0,
+    what: str = "the splat ViT",
+    *,
+    tables: dict | None = None,
+    extra: dict | None = None,
+) -> None:
+    """ValueError when a transformer of this shape would exceed MAX_PARAMETERS, counting also
+    ``tables`` (name: rows of ``width`` numbers, e.g. classes, latents, vocabulary, positions)
+    and ``extra`` (name: numbers, e.g. an attention mask); every count must be an int >= 0.
+    Called before anything is built: a config's numbers are untrusted."""
+    width, depth = _count(width, "width", what), _count(depth, "depth", what)
+    parameters = depth * width**2 * (4 + 2 * _count(mlp_ratio, "mlp_ratio", what, False))
+    parts = [f"width {width:.0f}", f"depth {depth:.0f}"]
+    for name, rows in (tables or {}).items():
+        parameters += _count(rows, name, what) * width
+        parts.append(f"{name} {rows}")
+    for name, count in (extra or {}).items():
+        parameters += _count(count, name, what)
+    if not parameters <= MAX_PARAMETERS:
         raise ValueError(
-            f"{what} config asks for about {parameters / 1e9:.1f}B parameters (width {width}, "
-            f"depth {depth}), more than {MAX_PARAMETERS / 1e9:.0f}B: the config is probably "
-            "edited or corrupt; refusing to allocate it"
+            f"{what} config asks for about {parameters / 1e9:.1f}B parameters "
+            f"({', '.join(parts)}), more than {MAX_PARAMETERS / 1e9:.0f}B: the config is "
+            "probably edited or corrupt; refusing to allocate it"
         )
 
 
@@ -88,7 +111,10 @@ class SplatVisionTransformer(VisionTransformer):
         **kwargs,
     ):
         check_model_size(
-            kwargs.get("embed_dim", 768), kwargs.get("depth", 12), kwargs.get("mlp_ratio", 4.0)
+            kwargs.get("embed_dim", 768),
+            kwargs.get("depth", 12),
+            kwargs.get("mlp_ratio", 4.0),
+            tables={"num_latents": num_latents, "num_classes": kwargs.get("num_classes", 1000)},
         )
         for name in ("embed_layer", "dynamic_img_size", "dynamic_img_pad"):
             if kwargs.pop(name, None):
