@@ -390,3 +390,31 @@ def test_pixel_inputs_fit_under_inference_mode():
     with torch.inference_mode():
         logits = model(pixels)
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    common = dict(
+        stage="pixel",
+        model="vit_mini_patch7_28",
+        train_data=MNIST_M,
+        epochs=1,
+        max_steps=5,
+        checkpoint_every=2,
+        keep_checkpoints=0,
+        **SMALL,
+    )
+    full = tmp_path / "full"
+    train(TrainConfig(output=str(full), **common))
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "pixel" / "checkpoints", cut / "pixel" / "checkpoints")
+    shutil.rmtree(cut / "pixel" / "checkpoints" / "step_0000005")
+    weights = cut / "pixel" / "checkpoints" / "step_0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a truncated newest checkpoint
+    capsys.readouterr()
+    train(TrainConfig(output=str(cut), **common))
+    printed = capsys.readouterr().out
+    assert "skipped checkpoint step_0000004" in printed and "resumed" in printed
+    assert "step_0000002" in printed
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(cut / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

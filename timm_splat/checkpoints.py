@@ -487,14 +487,7 @@ def latest_checkpoint(checkpoints_dir: Path, bounds: dict | None = None) -> Path
     start); CheckpointError when there are some and none verifies."""
     checkpoints_dir = Path(checkpoints_dir)
     complete = complete_checkpoints(checkpoints_dir)
-    newest = complete[-1].name if complete else None
-    for path in sorted(checkpoints_dir.glob("step_*")):
-        if path not in complete and (newest is None or path.name > newest):
-            logger.warning(
-                "skipping checkpoint %s: incomplete (no %s), probably cut off by a crash",
-                path,
-                COMPLETE,
-            )
+    _warn_incomplete(checkpoints_dir, complete)
     reasons = []
     for path in reversed(complete):
         try:
@@ -507,6 +500,18 @@ def latest_checkpoint(checkpoints_dir: Path, bounds: dict | None = None) -> Path
     if reasons:
         raise CheckpointError(_none_verifies(checkpoints_dir, reasons))
     return None
+
+
+def _warn_incomplete(checkpoints_dir: Path, complete: list[Path]) -> None:
+    """One warning per folder newer than the newest complete one (a save cut off by a crash)."""
+    newest = complete[-1].name if complete else None
+    for path in sorted(checkpoints_dir.glob("step_*")):
+        if path not in complete and (newest is None or path.name > newest):
+            logger.warning(
+                "skipping checkpoint %s: incomplete (no %s), probably cut off by a crash",
+                path,
+                COMPLETE,
+            )
 
 
 def _none_verifies(checkpoints_dir: Path, reasons: list[str]) -> str:
@@ -534,6 +539,7 @@ def resume_checkpoint(
     CheckpointError when there are some and none restores."""
     checkpoints_dir = Path(checkpoints_dir)
     complete = complete_checkpoints(checkpoints_dir)
+    _warn_incomplete(checkpoints_dir, complete)
     skipped = []
     for path in reversed(complete):
         try:

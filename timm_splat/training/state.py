@@ -12,25 +12,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoints import resume_checkpoint, save_checkpoint
 
 START = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
 
 
 def resume(run, checkpoints_dir: Path) -> dict:
-    """The loop position of the newest complete checkpoint (model, optimiser, scheduler and RNG
-    restored), else the start."""
-    checkpoint = latest_checkpoint(checkpoints_dir)
-    if checkpoint is None:
-        return dict(START)
-    position = load_checkpoint(
+    """The loop position of the newest checkpoint that verifies and fits this run (model,
+    optimiser, scheduler and RNG restored; a damaged newer one is passed over with one line
+    saying why), else the start."""
+    bounds = None
+    if run.steps_per_epoch is not None:
+        bounds = {"epoch": run.config.epochs, "batch_in_epoch": run.batches_per_epoch}
+    found = resume_checkpoint(
         run.accelerator,
-        checkpoint,
+        checkpoints_dir,
         model=run.prepared_model,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
+        bounds=bounds,
+        check=lambda position, folder: check_position(position, folder, run),
     )
-    check_position(position, checkpoint, run)
+    if found is None:
+        return dict(START)
+    checkpoint, position, skipped = found
+    for line in skipped:
+        run.accelerator.print(line)
     run.accelerator.print(f"resumed {checkpoint} at step {position['step']}")
     return position
 
