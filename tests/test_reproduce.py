@@ -89,6 +89,10 @@ def test_quick_keeps_explicit_flags():
     assert args.budgets == ["4", "8", "16", "48"]  # a list default reaches the flags
     with pytest.raises(ValueError, match="ablations"):
         ReproduceConfig(out="x", ablations=["no_such"])
+    assert "half_latents" not in ReproduceConfig(out="x").ablations  # a CLIP's grid is fixed
+    assert "half_latents" in ReproduceConfig(out="x", head="classifier").ablations
+    with pytest.raises(ValueError, match="half_latents needs --head classifier"):
+        ReproduceConfig(out="x", ablations=["half_latents"])
     with pytest.raises(ValueError, match="whole numbers"):
         ReproduceConfig(out="x", budgets=["eight"])
 

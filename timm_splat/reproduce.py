@@ -75,9 +75,13 @@ class ReproduceConfig:
         default_factory=lambda: ["0", "1", "2"],
         metadata=_arg("seeds of the students and baselines (one teacher, seed 0)", nargs="+"),
     )
-    ablations: list[str] = field(
-        default_factory=lambda: list(ABLATIONS),
-        metadata=_arg(f"controls and ablations to run: {', '.join(ABLATIONS)}", nargs="*"),
+    ablations: list[str] | None = field(
+        default=None,
+        metadata=_arg(
+            f"controls and ablations to run: {', '.join(ABLATIONS)} (default: all a head has; "
+            "a CLIP's latent grid is fixed by its open_clip config, so no half_latents)",
+            nargs="*",
+        ),
     )
     ablation_budgets: list[str] = field(
         default_factory=lambda: ["8", "48"],
@@ -136,9 +140,16 @@ class ReproduceConfig:
             raise ValueError(f"--budgets must be positive, got {self.budgets}")
         if not self.seeds or min(self.seeds) < 0:
             raise ValueError(f"--seeds must be at least one whole number >= 0, got {self.seeds}")
+        if self.ablations is None:
+            self.ablations = [a for a in ABLATIONS if self.head != "clip" or a != "half_latents"]
         unknown = sorted(set(self.ablations) - set(ABLATIONS))
         if unknown:
             raise ValueError(f"unknown --ablations {unknown}: choose from {ABLATIONS}")
+        if self.head == "clip" and "half_latents" in self.ablations:
+            raise ValueError(
+                "--ablations half_latents needs --head classifier: a CLIP's latent grid is fixed "
+                "by its open_clip config"
+            )
         for name in ("teacher_epochs", "distill_epochs", "stage2_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -331,10 +342,6 @@ class _Experiment:
     def _half_latents(self) -> int:
         import timm
 
-        if self.config.task == "clip":
-            raise ValueError(
-                "half_latents needs a classifier head (open_clip configs fix the latent grid)"
-            )
         return timm.create_model(self.config.student).patch_embed.num_patches // 2
 
     def baseline(self, teacher: str, seed: int) -> Path:
