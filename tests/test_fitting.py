@@ -4,8 +4,10 @@ import torch
 from PIL import Image
 
 from timm_splat import fit_splats, ops, psnr, render_splats, splat_count
-from timm_splat.fitting import PRESETS, FitConfig, _Adam, _prune, initial_splats
-from timm_splat.fitting_init import adaptive_splats, importance, relocate, solve_colors
+from timm_splat.fitting import PRESETS, FitConfig, initial_splats
+from timm_splat.fitting.initial import adaptive_splats, importance
+from timm_splat.fitting.solvers import Adam, solve_colors
+from timm_splat.fitting.topology import prune, relocate
 from timm_splat.images import to_rgb_tensors
 
 FAST = dict(iterations=60, prune_every=10)
@@ -68,12 +70,12 @@ def test_prune_keeps_the_highest_luminance_splats():
     raw[0, :, 6] = -lum / 0.7152  # luminance uses |colour|
     live = torch.ones(1, 6, 1)
     live[0, 5] = 0  # a dead splat is never kept over a live one
-    adam = _Adam(raw, torch.ones(8))
+    adam = Adam(raw, torch.ones(8))
     adam.m = raw.clone()
-    kept, live2 = _prune(raw, live, adam, keep=3, threshold=0.0)
+    kept, live2 = prune(raw, live, adam, keep=3, threshold=0.0)
     assert torch.allclose(kept[0, :, 6].abs() * 0.7152, torch.tensor([0.5, 0.9, 0.2]))
     assert torch.equal(adam.m, kept)  # the moments follow their splats
-    kept, live3 = _prune(raw, live, _Adam(raw, torch.ones(8)), keep=5, threshold=0.05)
+    kept, live3 = prune(raw, live, Adam(raw, torch.ones(8)), keep=5, threshold=0.05)
     assert live3[0, :, 0].tolist() == [1, 0, 1, 1, 0]  # under the threshold: dropped
 
 
