@@ -44,6 +44,12 @@ class FitConfig:
     lr_final: float = 0.1  # cosine decay to this fraction of each learning rate
     adam_beta2: float = 0.9  # Adam's second-moment decay (the paper's pipeline: 0.999)
     l1_color: float = 1e-6  # lambda of the L1 penalty on colours (the paper's lambda_reg)
+    # "adam" or "gauss_newton": damped block-Jacobi Gauss-Newton on the geometry (solvers.py,
+    # docs/fitting.md row 31: behind Adam at equal steps), colours still by Adam.
+    geometry_step: str = "adam"
+    gn_rate: float = 0.5  # Gauss-Newton step scale (cosine-decayed like the Adam rates)
+    gn_damping: float = 0.1  # Levenberg-Marquardt damping, a fraction of the blocks' diagonal
+    gn_momentum: float = 0.9  # heavy-ball momentum of the Gauss-Newton steps
     batch_size: int = 64  # images fitted per batch (memory grows linearly with it)
     max_size: int = 1024  # longer side larger images are fitted at (splats are resolution-free)
     seed: int = 0
@@ -85,6 +91,10 @@ class FitConfig:
             "lr_shape": self.lr_shape >= 0,
             "lr_color": self.lr_color >= 0,
             "l1_color": self.l1_color >= 0,
+            "geometry_step": self.geometry_step in ("adam", "gauss_newton"),
+            "gn_rate": self.gn_rate >= 0,
+            "gn_damping": self.gn_damping >= 0,
+            "gn_momentum": 0 <= self.gn_momentum < 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -100,9 +110,38 @@ class FitConfig:
 
 # Named configurations. "paper": the paper's pipeline as first implemented and benchmarked here
 # (grid at 1.5x the budget, 600 Adam steps, luminance pruning down to the budget), kept so its
-# numbers stay reproducible and every comparison can run it side by side.
+# numbers stay reproducible and every comparison can run it side by side. "adam150": the default
+# of issue 11 (2026-11-25, commit fbde881) written out field by field, so it stays what it is
+# when the default changes: the reference of issue 20's comparisons.
 PRESETS: dict[str, dict] = {
     "default": {},
+    "adam150": dict(
+        iterations=150,
+        init="adaptive",
+        init_scale=1.0,
+        init_sigma=0.6,
+        init_uniform=0.1,
+        init_smooth=2.0,
+        color_solve=5,
+        relocate_every=10,
+        relocate_start=0.0,
+        relocate_end=0.5,
+        relocate_fraction=0.2,
+        relocate_sigma=0.15,
+        relocate_solve=1,
+        final_solve=3,
+        prune_start=0.1,
+        prune_end=0.6,
+        prune_every=50,
+        prune_threshold=0.5 / 255,
+        lr_position=0.15,
+        lr_shape=0.15,
+        lr_color=0.04,
+        lr_final=0.1,
+        adam_beta2=0.9,
+        l1_color=1e-6,
+        geometry_step="adam",
+    ),
     "paper": dict(
         iterations=600,
         init="grid",

@@ -24,7 +24,7 @@ from .config import FitConfig, resolve_config
 from .initial import initial_state
 from .parameters import learning_rates, raw_to_splats, splats_to_raw
 from .schedules import lr_scale, prune_schedule, relocation_steps
-from .solvers import Adam, solve_colors
+from .solvers import Adam, GaussNewton, Steps, solve_colors
 from .topology import prune, relocate_dimmest
 
 
@@ -46,9 +46,12 @@ def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     splats = solve_colors(splats, targets, cfg.color_solve, backend)
     raw = splats_to_raw(splats)
     live = torch.ones(batch, raw.shape[1], 1, device=raw.device)
-    adam = Adam(
-        raw, learning_rates(cfg, rows, cols, sigma, raw.device), betas=(0.9, cfg.adam_beta2)
-    )
+    lr = learning_rates(cfg, rows, cols, sigma, raw.device)
+    geometry = None
+    if cfg.geometry_step == "gauss_newton":  # Adam keeps the colours only
+        lr[:5] = 0
+        geometry = GaussNewton(raw, cfg.gn_rate, cfg.gn_damping, cfg.gn_momentum, height, width)
+    steps = Steps(Adam(raw, lr, betas=(0.9, cfg.adam_beta2)), geometry)
     schedule = prune_schedule(raw.shape[1], cfg)
     moves = relocation_steps(cfg)
     pixels = targets[0].numel()
@@ -64,17 +67,17 @@ def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
         grad_current = ops.render_vjp(fixed, residual, height, width, backend) * (2 / pixels)
         grad_current[..., 5:] += cfg.l1_color * fixed[..., 5:].sign()
         (grad,) = torch.autograd.grad(current, param, grad_current)
-        adam.step(raw, grad, lr_scale(step, cfg), live)
+        steps.step(raw, grad, lr_scale(step, cfg), live)
         if callback is not None:
             mse = torch.linalg.vector_norm(residual.flatten(1), dim=1).square() / pixels
             callback(step, indices, -10 * torch.log10(mse.clamp_min(1e-12)))
         if step in schedule:
-            raw, live = prune(raw, live, adam, schedule[step], cfg.prune_threshold)
+            raw, live = prune(raw, live, steps, schedule[step], cfg.prune_threshold)
         if step in moves:
-            raw, live = relocate_dimmest(raw, live, adam, residual, targets, cfg, backend)
+            raw, live = relocate_dimmest(raw, live, steps, residual, targets, cfg, backend)
         bar.update(batch)
     if raw.shape[1] > cfg.num_splats:  # fewer iterations than prune events
-        raw, live = prune(raw, live, adam, cfg.num_splats, cfg.prune_threshold)
+        raw, live = prune(raw, live, steps, cfg.num_splats, cfg.prune_threshold)
     final = raw_to_splats(raw) * live
     if cfg.final_solve:
         with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 
 from .. import ops
 from ..splats import SPLAT_CHANNELS
+from .parameters import raw_to_splats
 from .sampling import total
 
 
@@ -87,3 +88,128 @@ def solve_colors(
         p = z + (rz_new / rz.clamp_min(1e-20)).unsqueeze(1) * p
         rz = rz_new
     return torch.cat([geometry, colors], -1)
+
+
+def geometry_blocks(splats: torch.Tensor, height: int, width: int):
+    """Per-splat Gauss-Newton blocks ``J_i^T J_i`` of the render with respect to each splat's
+    geometry in the optimised parameters (parameters.py): ``(position [B, n, 2, 2],
+    shape [B, n, 3, 3])`` for (x, y) and (log l11, l21, log l22).
+
+    Closed form for a Gaussian alone on an unbounded image (no cut-off, no border): with
+    z = L^-1 (p - mean), every derivative of exp(-|z|^2 / 2) is the Gaussian times a polynomial
+    in z (degree 1 for the position, 2 for the shape), so the sum over pixels is H * W * l11 *
+    l22 * |colour|^2 times Gaussian moments; position and shape do not couple (odd moments).
+    These are exactly the diagonal blocks of the full J^T J: what overlapping splats add is off
+    the diagonal."""
+    l11, l21, l22 = splats[..., 2], splats[..., 3], splats[..., 4]
+    scale = math.pi * height * width * l11 * l22 * splats[..., 5:].square().sum(-1)
+    # Position: d(|z|^2 / 2) / d(x, y) = -(z1 / l11 - z2 l21 / (l11 l22), z2 / l22), and
+    # E[z z^T] = I / 2 under exp(-|z|^2) / pi.
+    a, b, d = 1 / l11, -l21 / (l11 * l22), 1 / l22
+    position = (
+        torch.stack([torch.stack([a * a + b * b, b * d], -1), torch.stack([b * d, d * d], -1)], -2)
+        * (scale / 2)[..., None, None]
+    )
+    # Shape: coefficients of (z1^2, z1 z2, z2^2) in the derivatives by log l11, l21, log l22,
+    # times the fourth moments E[z1^4] = E[z2^4] = 3/4, E[z1^2 z2^2] = 1/4.
+    r = l21 / l22
+    zero, one = torch.zeros_like(l11), torch.ones_like(l11)
+    coef = torch.stack(
+        [
+            torch.stack([one, -r, zero], -1),
+            torch.stack([zero, d, zero], -1),
+            torch.stack([zero, zero, one], -1),
+        ],
+        -2,
+    )
+    moments = splats.new_tensor([[0.75, 0.0, 0.25], [0.0, 0.25, 0.0], [0.25, 0.0, 0.75]])
+    shape = coef @ moments @ coef.transpose(-1, -2) * scale[..., None, None]
+    return position, shape
+
+
+def _solve2(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``a^-1 g`` for symmetric ``[..., 2, 2]`` ``a`` (elementwise: batch-invariant bits)."""
+    det = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+    x = a[..., 1, 1] * g[..., 0] - a[..., 0, 1] * g[..., 1]
+    y = a[..., 0, 0] * g[..., 1] - a[..., 1, 0] * g[..., 0]
+    return torch.stack([x, y], -1) / det.unsqueeze(-1)
+
+
+def _solve3(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``a^-1 g`` for ``[..., 3, 3]`` ``a`` by Cramer's rule (elementwise, like _solve2)."""
+
+    def det3(m0, m1, m2):  # columns
+        return (
+            m0[..., 0] * (m1[..., 1] * m2[..., 2] - m2[..., 1] * m1[..., 2])
+            - m1[..., 0] * (m0[..., 1] * m2[..., 2] - m2[..., 1] * m0[..., 2])
+            + m2[..., 0] * (m0[..., 1] * m1[..., 2] - m1[..., 1] * m0[..., 2])
+        )
+
+    c0, c1, c2 = a[..., :, 0], a[..., :, 1], a[..., :, 2]
+    det = det3(c0, c1, c2)
+    return torch.stack([det3(g, c1, c2), det3(c0, g, c2), det3(c0, c1, g)], -1) / det.unsqueeze(-1)
+
+
+class GaussNewton:
+    """Geometry steps by damped block-Jacobi Gauss-Newton with heavy-ball momentum
+    (``FitConfig.geometry_step="gauss_newton"``): each splat's step solves its own blocks of
+    :func:`geometry_blocks`, damped Levenberg-Marquardt style (``damping`` times their
+    diagonal), is clipped to a trust region (position and l21: half the splat's std-dev; log
+    scales: 0.3) and is scaled by ``rate``. Overlaps are ignored (block Jacobi), so ``rate``
+    stays well under 1. Acts on the geometry channels only; Adam keeps the colours."""
+
+    def __init__(self, param, rate: float, damping: float, momentum: float, height, width):
+        self.rate, self.damping, self.momentum = rate, damping, momentum
+        self.height, self.width = height, width
+        self.velocity = torch.zeros_like(param[..., :5])
+
+    def step(self, param: torch.Tensor, grad: torch.Tensor, scale: float, live: torch.Tensor):
+        """``grad``: the loss gradient in the optimised parameters (the loop's, 2 / pixels times
+        J^T r); only its geometry part is used."""
+        splats = raw_to_splats(param)
+        g = grad[..., :5] * (self.height * self.width * 3 / 2)  # J^T r
+        position, shape = geometry_blocks(splats, self.height, self.width)
+        delta = torch.cat(
+            [_solve2(self._damped(position), g[..., :2]), _solve3(self._damped(shape), g[..., 2:])],
+            -1,
+        )
+        sigma = (splats[..., 2] * splats[..., 4]).sqrt().unsqueeze(-1)
+        log_cap = torch.full_like(sigma, 0.3)
+        cap = torch.cat([0.5 * sigma, 0.5 * sigma, log_cap, 0.5 * sigma, log_cap], -1)
+        delta = torch.maximum(torch.minimum(delta, cap), -cap)
+        self.velocity.mul_(self.momentum).add_(delta)
+        param[..., :5] -= (self.rate * scale) * self.velocity * live
+
+    def _damped(self, block: torch.Tensor) -> torch.Tensor:
+        # Levenberg-Marquardt: the diagonal scaled up; the floor keeps colourless splats finite.
+        diag = torch.diagonal(block, dim1=-2, dim2=-1)
+        return block + torch.diag_embed(self.damping * diag + 1e-3)
+
+    def gather(self, index: torch.Tensor):
+        self.velocity = self.velocity.gather(1, index.unsqueeze(-1).expand(-1, -1, 5))
+
+    def reset(self, index: torch.Tensor):
+        """After a relocation: all of the momentum goes, not just the moved splats', as the
+        relocation's colour solve changes every splat's landscape (resetting only the moved
+        rows measured 0.9 dB worse at N=400)."""
+        self.velocity.zero_()
+
+
+class Steps:
+    """The optimisers of one fit, stepped together and kept aligned with the splats when
+    pruning or relocation changes them (``gather`` / ``reset``)."""
+
+    def __init__(self, *optimisers):
+        self.optimisers = [o for o in optimisers if o is not None]
+
+    def step(self, param, grad, scale: float, live):
+        for optimiser in self.optimisers:
+            optimiser.step(param, grad, scale, live)
+
+    def gather(self, index: torch.Tensor):
+        for optimiser in self.optimisers:
+            optimiser.gather(index)
+
+    def reset(self, index: torch.Tensor):
+        for optimiser in self.optimisers:
+            optimiser.reset(index)

@@ -12,13 +12,13 @@ from ..splats import SPLAT_CHANNELS, luminance
 from .config import FitConfig
 from .parameters import raw_to_splats, splats_to_raw
 from .sampling import blur, channel_sum, isotropic, sample_at, sample_means
-from .solvers import Adam, solve_colors
+from .solvers import Adam, Steps, solve_colors
 
 
 @torch.no_grad()
-def prune(raw, live, adam: Adam, keep: int, threshold: float):
+def prune(raw, live, steps: Adam | Steps, keep: int, threshold: float):
     """Keep the ``keep`` highest-luminance live splats per image (original order); mark those
-    under ``threshold`` dead."""
+    under ``threshold`` dead; ``steps`` (the optimisers' state) follows its splats."""
     score = luminance(raw)
     score = torch.where(live[..., 0] > 0, score, torch.full_like(score, -1.0))
     keep = min(keep, raw.shape[1])
@@ -26,7 +26,7 @@ def prune(raw, live, adam: Adam, keep: int, threshold: float):
     raw = raw.gather(1, index.unsqueeze(-1).expand(-1, -1, SPLAT_CHANNELS))
     live = live.gather(1, index.unsqueeze(-1))
     live = live * (luminance(raw) >= threshold).unsqueeze(-1)
-    adam.gather(index)
+    steps.gather(index)
     return raw, live
 
 
@@ -52,9 +52,9 @@ def relocate(
 
 
 @torch.no_grad()
-def relocate_dimmest(raw, live, adam: Adam, residual, targets, cfg: FitConfig, backend):
+def relocate_dimmest(raw, live, steps: Adam | Steps, residual, targets, cfg: FitConfig, backend):
     """One relocation of the loop: the dimmest (or dead) splats move to the largest errors, all
-    colours are re-solved (``relocate_solve`` CG steps), the moved splats' moments reset."""
+    colours are re-solved (``relocate_solve`` CG steps), the moved splats' optimiser state reset."""
     current = raw_to_splats(raw) * live
     score = torch.where(live[..., 0] > 0, luminance(current), torch.full_like(live[..., 0], -1.0))
     count = max(1, round(cfg.relocate_fraction * raw.shape[1]))
@@ -64,5 +64,5 @@ def relocate_dimmest(raw, live, adam: Adam, residual, targets, cfg: FitConfig, b
     rows = index.unsqueeze(-1).expand(-1, -1, SPLAT_CHANNELS)
     raw = raw.scatter(1, rows, splats_to_raw(moved.gather(1, rows)))
     raw[..., 5:] = moved[..., 5:]
-    adam.reset(index)
+    steps.reset(index)
     return raw, live
