@@ -50,6 +50,9 @@ class FitConfig:
     gn_rate: float = 0.5  # Gauss-Newton step scale (cosine-decayed like the Adam rates)
     gn_damping: float = 0.1  # Levenberg-Marquardt damping, a fraction of the blocks' diagonal
     gn_momentum: float = 0.9  # heavy-ball momentum of the Gauss-Newton steps
+    # "adam" or "cg": colours by conjugate gradients with an exact line search per step
+    # (variable projection; one more render per step; docs/fitting.md row 34).
+    color_step: str = "adam"
     batch_size: int = 64  # images fitted per batch (memory grows linearly with it)
     max_size: int = 1024  # longer side larger images are fitted at (splats are resolution-free)
     seed: int = 0
@@ -92,6 +95,7 @@ class FitConfig:
             "lr_color": self.lr_color >= 0,
             "l1_color": self.l1_color >= 0,
             "geometry_step": self.geometry_step in ("adam", "gauss_newton"),
+            "color_step": self.color_step in ("adam", "cg"),
             "gn_rate": self.gn_rate >= 0,
             "gn_damping": self.gn_damping >= 0,
             "gn_momentum": 0 <= self.gn_momentum < 1,
@@ -141,6 +145,7 @@ PRESETS: dict[str, dict] = {
         adam_beta2=0.9,
         l1_color=1e-6,
         geometry_step="adam",
+        color_step="adam",
     ),
     "paper": dict(
         iterations=600,

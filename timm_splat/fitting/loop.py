@@ -24,7 +24,7 @@ from .config import FitConfig, resolve_config
 from .initial import initial_state
 from .parameters import learning_rates, raw_to_splats, splats_to_raw
 from .schedules import lr_scale, prune_schedule, relocation_steps
-from .solvers import Adam, GaussNewton, Steps, solve_colors
+from .solvers import make_steps, solve_colors
 from .topology import prune, relocate_dimmest
 
 
@@ -47,11 +47,7 @@ def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     raw = splats_to_raw(splats)
     live = torch.ones(batch, raw.shape[1], 1, device=raw.device)
     lr = learning_rates(cfg, rows, cols, sigma, raw.device)
-    geometry = None
-    if cfg.geometry_step == "gauss_newton":  # Adam keeps the colours only
-        lr[:5] = 0
-        geometry = GaussNewton(raw, cfg.gn_rate, cfg.gn_damping, cfg.gn_momentum, height, width)
-    steps = Steps(Adam(raw, lr, betas=(0.9, cfg.adam_beta2)), geometry)
+    steps = make_steps(cfg, raw, lr, (height, width), backend)
     schedule = prune_schedule(raw.shape[1], cfg)
     moves = relocation_steps(cfg)
     pixels = targets[0].numel()
@@ -64,10 +60,11 @@ def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
         fixed = current.detach()
         residual = ops.render(fixed, height, width, backend).sub_(targets)
         # The render's VJP is linear: scale the small [B, n, 8] result, not the residual.
-        grad_current = ops.render_vjp(fixed, residual, height, width, backend) * (2 / pixels)
+        vjp = ops.render_vjp(fixed, residual, height, width, backend)
+        grad_current = vjp * (2 / pixels)
         grad_current[..., 5:] += cfg.l1_color * fixed[..., 5:].sign()
         (grad,) = torch.autograd.grad(current, param, grad_current)
-        steps.step(raw, grad, lr_scale(step, cfg), live)
+        steps.step(raw, grad, lr_scale(step, cfg), live, fixed, vjp)
         if callback is not None:
             mse = torch.linalg.vector_norm(residual.flatten(1), dim=1).square() / pixels
             callback(step, indices, -10 * torch.log10(mse.clamp_min(1e-12)))

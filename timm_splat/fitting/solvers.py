@@ -13,6 +13,7 @@ import torch
 
 from .. import ops
 from ..splats import SPLAT_CHANNELS
+from .config import FitConfig
 from .parameters import raw_to_splats
 from .sampling import total
 
@@ -195,21 +196,82 @@ class GaussNewton:
         self.velocity.zero_()
 
 
+class ColourCG:
+    """Colour steps by nonlinear conjugate gradients on the squared error
+    (``FitConfig.color_step="cg"``, a form of variable projection): the render is linear in the
+    colours, so along a direction p the exact minimiser for the current geometry costs one
+    render of p; the directions are Jacobi-preconditioned (closed-form diagonal, as in
+    :func:`solve_colors`) and conjugated across steps (Fletcher-Reeves) while the geometry moves
+    under them. Restarts after pruning and relocation. The L1 colour penalty is left out
+    (``l1_color`` is tiny next to the squared error). Replaces Adam on the colours."""
+
+    def __init__(self, height: int, width: int, backend: str):
+        self.height, self.width, self.backend = height, width, backend
+        self.direction = self.gy = None
+
+    def step(self, param: torch.Tensor, splats: torch.Tensor, vjp: torch.Tensor, live):
+        """``splats``: the rendered splats of this step; ``vjp``: the render's VJP of their
+        residual (render - target), ``[B, n, 8]``; updates ``param``'s colours in place."""
+        g = vjp[..., 5:] * live  # gradient of half the squared error
+        area = math.pi * self.height * self.width * splats[..., 2] * splats[..., 4]
+        y = g / area.clamp_min(1e-6).unsqueeze(-1)
+        gy = total(g * y)  # [B, 3]: one problem per image and channel
+        if self.direction is None:
+            self.direction = -y
+        else:
+            self.direction = -y + (gy / self.gy.clamp_min(1e-20)).unsqueeze(1) * self.direction
+        self.gy = gy
+        p = self.direction * live
+        ap = ops.render(torch.cat([splats[..., :5], p], -1), self.height, self.width, self.backend)
+        slope = total(g * p)
+        alpha = -slope / total(ap.flatten(2).square(), 2).clamp_min(1e-20)
+        descent = (slope < 0).unsqueeze(1)  # else no step for that image and channel
+        param[..., 5:] += torch.where(descent, alpha.unsqueeze(1) * p, torch.zeros_like(p))
+
+    def gather(self, index: torch.Tensor):
+        self.direction = self.gy = None
+
+    def reset(self, index: torch.Tensor):
+        self.direction = self.gy = None
+
+
 class Steps:
     """The optimisers of one fit, stepped together and kept aligned with the splats when
-    pruning or relocation changes them (``gather`` / ``reset``)."""
+    pruning or relocation changes them (``gather`` / ``reset``). ``colours``: a
+    :class:`ColourCG` that steps the colours first (Adam's colour rates are then zero)."""
 
-    def __init__(self, *optimisers):
+    def __init__(self, *optimisers, colours: ColourCG | None = None):
         self.optimisers = [o for o in optimisers if o is not None]
+        self.colours = colours
+        self.followers = self.optimisers + ([colours] if colours is not None else [])
 
-    def step(self, param, grad, scale: float, live):
+    def step(self, param, grad, scale: float, live, splats, vjp):
+        """``grad``: the loss gradient in ``param``'s coordinates; ``splats`` and ``vjp``: this
+        step's rendered splats and the render's VJP of its residual."""
+        if self.colours is not None:
+            self.colours.step(param, splats, vjp, live)
         for optimiser in self.optimisers:
             optimiser.step(param, grad, scale, live)
 
     def gather(self, index: torch.Tensor):
-        for optimiser in self.optimisers:
+        for optimiser in self.followers:
             optimiser.gather(index)
 
     def reset(self, index: torch.Tensor):
-        for optimiser in self.optimisers:
+        for optimiser in self.followers:
             optimiser.reset(index)
+
+
+def make_steps(cfg: FitConfig, raw: torch.Tensor, lr: torch.Tensor, size, backend: str) -> Steps:
+    """The optimisers ``cfg`` asks for over ``raw [B, n, 8]`` for images of ``size (H, W)``:
+    Adam with the per-channel rates ``lr`` on every parameter that Gauss-Newton
+    (``geometry_step``) or colour CG (``color_step``) does not take (``lr`` is zeroed there)."""
+    height, width = size
+    geometry = colours = None
+    if cfg.geometry_step == "gauss_newton":
+        lr[:5] = 0
+        geometry = GaussNewton(raw, cfg.gn_rate, cfg.gn_damping, cfg.gn_momentum, height, width)
+    if cfg.color_step == "cg":
+        lr[5:] = 0
+        colours = ColourCG(height, width, backend)
+    return Steps(Adam(raw, lr, betas=(0.9, cfg.adam_beta2)), geometry, colours=colours)
