@@ -100,6 +100,7 @@ def test_prune_keeps_the_highest_luminance_splats():
         (dict(geometry_step="newton"), "geometry_step"),
         (dict(gn_momentum=1.0), "gn_momentum"),
         (dict(gn_damping=-1.0), "gn_damping"),
+        (dict(color_step="exact"), "color_step"),
         (dict(num_splats=2.5), "num_splats must be an int"),
         (dict(init_scale=float("inf")), "init_scale must be a finite number"),
         (dict(lr_color=float("nan")), "lr_color must be a finite number"),
@@ -323,3 +324,41 @@ def test_gauss_newton_geometry_steps_fit_and_keep_the_invariants(astronaut_64):
     # With pruning from above (grid at 1.5x), the momentum follows the surviving splats.
     paper = FitConfig.preset("paper", num_splats=40, iterations=30, prune_every=5)
     assert fit_splats(images, paper, geometry_step="gauss_newton").psnr.isfinite().all()
+
+
+def test_colour_cg_steps_reach_the_least_squares_colours():
+    """For a fixed geometry the colour steps are conjugate gradients with exact line search on
+    a quadratic: they approach the least-squares colours (rows 34-35 of docs/fitting.md)."""
+    from timm_splat.fitting.solvers import ColourCG
+
+    target = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(3))
+    start = initial_splats(target, 20, FitConfig.preset("paper", num_splats=20), "reference")
+    best = solve_colors(start, target, 60, "reference")
+    live = torch.ones(2, start.shape[1], 1)
+    param, cg = start.clone(), ColourCG(16, 12, "reference")
+
+    def excess(splats):
+        def err(x):
+            return (ops.render(x, 16, 12, "reference") - target).square().sum()
+
+        return float(err(splats) - err(best))
+
+    for _ in range(12):
+        residual = ops.render(param, 16, 12, "reference") - target
+        cg.step(param, param.clone(), ops.render_vjp(param, residual, 16, 12, "reference"), live)
+    torch.testing.assert_close(param[..., :5], start[..., :5])  # geometry untouched
+    assert excess(param) < 0.05 * excess(start)
+    cg.reset(torch.zeros(2, 1, dtype=torch.long))
+    assert cg.direction is None  # restarts after relocation
+
+
+def test_colour_cg_fits_deterministically_and_batch_invariantly(astronaut_64):
+    small = astronaut_64.resize((32, 32))
+    images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    options = dict(num_splats=40, iterations=30, color_step="cg")
+    a = fit_splats(images, **options)
+    assert (a.psnr > fit_splats(images, num_splats=40, iterations=0).psnr + 1).all()
+    assert torch.equal(a.splats, fit_splats(images, **options).splats)
+    assert torch.equal(fit_splats(images[1], **options).splats[0], a.splats[1])
+    paper = FitConfig.preset("paper", num_splats=40, iterations=30, prune_every=5)
+    assert fit_splats(images, paper, color_step="cg").psnr.isfinite().all()  # prunes from above

@@ -53,6 +53,7 @@ class FitConfig:
     # "adam" or "cg": colours by conjugate gradients with an exact line search per step
     # (variable projection; one more render per step; docs/fitting.md row 34).
     color_step: str = "adam"
+    color_cg_start: float = 0.0  # color_step="cg": Adam keeps the colours until this fraction
     batch_size: int = 64  # images fitted per batch (memory grows linearly with it)
     max_size: int = 1024  # longer side larger images are fitted at (splats are resolution-free)
     seed: int = 0
@@ -96,6 +97,7 @@ class FitConfig:
             "l1_color": self.l1_color >= 0,
             "geometry_step": self.geometry_step in ("adam", "gauss_newton"),
             "color_step": self.color_step in ("adam", "cg"),
+            "color_cg_start": 0 <= self.color_cg_start <= 1,
             "gn_rate": self.gn_rate >= 0,
             "gn_damping": self.gn_damping >= 0,
             "gn_momentum": 0 <= self.gn_momentum < 1,

@@ -203,7 +203,7 @@ class ColourCG:
     render of p; the directions are Jacobi-preconditioned (closed-form diagonal, as in
     :func:`solve_colors`) and conjugated across steps (Fletcher-Reeves) while the geometry moves
     under them. Restarts after pruning and relocation. The L1 colour penalty is left out
-    (``l1_color`` is tiny next to the squared error). Replaces Adam on the colours."""
+    (``l1_color`` is tiny next to the squared error). Takes the colours over from Adam."""
 
     def __init__(self, height: int, width: int, backend: str):
         self.height, self.width, self.backend = height, width, backend
@@ -237,21 +237,26 @@ class ColourCG:
 
 class Steps:
     """The optimisers of one fit, stepped together and kept aligned with the splats when
-    pruning or relocation changes them (``gather`` / ``reset``). ``colours``: a
-    :class:`ColourCG` that steps the colours first (Adam's colour rates are then zero)."""
+    pruning or relocation changes them (``gather`` / ``reset``): Adam, optionally Gauss-Newton
+    on the geometry (Adam's geometry rates are then zero) and :class:`ColourCG` on the colours
+    from step ``colour_start`` on (Adam's colour rates are zeroed then)."""
 
-    def __init__(self, *optimisers, colours: ColourCG | None = None):
-        self.optimisers = [o for o in optimisers if o is not None]
-        self.colours = colours
-        self.followers = self.optimisers + ([colours] if colours is not None else [])
+    def __init__(self, adam: Adam, geometry=None, colours=None, colour_start: int = 0):
+        self.adam, self.geometry, self.colours = adam, geometry, colours
+        self.colour_start, self.count = colour_start, 0
+        self.followers = [o for o in (adam, geometry, colours) if o is not None]
 
     def step(self, param, grad, scale: float, live, splats, vjp):
         """``grad``: the loss gradient in ``param``'s coordinates; ``splats`` and ``vjp``: this
         step's rendered splats and the render's VJP of its residual."""
-        if self.colours is not None:
+        if self.colours is not None and self.count >= self.colour_start:
+            if self.count == self.colour_start:
+                self.adam.lr[5:] = 0  # in place, on the device: no sync
             self.colours.step(param, splats, vjp, live)
-        for optimiser in self.optimisers:
-            optimiser.step(param, grad, scale, live)
+        self.adam.step(param, grad, scale, live)
+        if self.geometry is not None:
+            self.geometry.step(param, grad, scale, live)
+        self.count += 1
 
     def gather(self, index: torch.Tensor):
         for optimiser in self.followers:
@@ -265,13 +270,14 @@ class Steps:
 def make_steps(cfg: FitConfig, raw: torch.Tensor, lr: torch.Tensor, size, backend: str) -> Steps:
     """The optimisers ``cfg`` asks for over ``raw [B, n, 8]`` for images of ``size (H, W)``:
     Adam with the per-channel rates ``lr`` on every parameter that Gauss-Newton
-    (``geometry_step``) or colour CG (``color_step``) does not take (``lr`` is zeroed there)."""
+    (``geometry_step``) or colour CG (``color_step``, from ``color_cg_start``) does not take
+    (``lr`` is zeroed there)."""
     height, width = size
     geometry = colours = None
     if cfg.geometry_step == "gauss_newton":
         lr[:5] = 0
         geometry = GaussNewton(raw, cfg.gn_rate, cfg.gn_damping, cfg.gn_momentum, height, width)
     if cfg.color_step == "cg":
-        lr[5:] = 0
         colours = ColourCG(height, width, backend)
-    return Steps(Adam(raw, lr, betas=(0.9, cfg.adam_beta2)), geometry, colours=colours)
+    start = int(cfg.color_cg_start * cfg.iterations)
+    return Steps(Adam(raw, lr, betas=(0.9, cfg.adam_beta2)), geometry, colours, start)
