@@ -140,7 +140,8 @@ def test_presets():
         1.5,
     )
     assert paper.relocate_every == 0 and paper.color_solve == 0 and paper.l1_color == 1e-6
-    assert set(PRESETS) >= {"default", "paper", "adam150"}
+    assert set(PRESETS) >= {"default", "paper", "adam150", "cg"}
+    assert FitConfig.preset("cg").color_step == "cg" and FitConfig.preset("cg").iterations == 150
     # Today's default, pinned: a later default change must not move the reference preset.
     assert FitConfig.preset("adam150") == FitConfig()
     with pytest.raises(ValueError, match="unknown fit preset"):
@@ -328,7 +329,7 @@ def test_gauss_newton_geometry_steps_fit_and_keep_the_invariants(astronaut_64):
 
 def test_colour_cg_steps_reach_the_least_squares_colours():
     """For a fixed geometry the colour steps are conjugate gradients with exact line search on
-    a quadratic: they approach the least-squares colours (rows 34-35 of docs/fitting.md)."""
+    a quadratic: they approach the least-squares colours (row 32 of docs/fitting.md)."""
     from timm_splat.fitting.solvers import ColourCG
 
     target = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(3))
@@ -352,13 +353,17 @@ def test_colour_cg_steps_reach_the_least_squares_colours():
     assert cg.direction is None  # restarts after relocation
 
 
-def test_colour_cg_fits_deterministically_and_batch_invariantly(astronaut_64):
+@pytest.mark.parametrize("start", [0.0, 0.5])
+def test_colour_cg_fits_deterministically_and_batch_invariantly(astronaut_64, start):
     small = astronaut_64.resize((32, 32))
     images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
-    options = dict(num_splats=40, iterations=30, color_step="cg")
+    options = dict(num_splats=40, iterations=30, color_step="cg", color_cg_start=start)
     a = fit_splats(images, **options)
     assert (a.psnr > fit_splats(images, num_splats=40, iterations=0).psnr + 1).all()
     assert torch.equal(a.splats, fit_splats(images, **options).splats)
     assert torch.equal(fit_splats(images[1], **options).splats[0], a.splats[1])
     paper = FitConfig.preset("paper", num_splats=40, iterations=30, prune_every=5)
     assert fit_splats(images, paper, color_step="cg").psnr.isfinite().all()  # prunes from above
+    if start:  # Adam has the colours until then: the first steps are plain Adam's
+        adam = fit_splats(images, num_splats=40, iterations=30, callback=None)
+        assert not torch.equal(a.splats, adam.splats)
