@@ -4,8 +4,11 @@ import torch
 from PIL import Image
 
 from timm_splat import fit_splats, ops, psnr, render_splats, splat_count
-from timm_splat.fitting import PRESETS, FitConfig, _Adam, _prune, initial_splats
-from timm_splat.fitting_init import adaptive_splats, importance, relocate, solve_colors
+from timm_splat.fitting import PRESETS, FitConfig, initial_splats
+from timm_splat.fitting.initial import adaptive_splats, importance
+from timm_splat.fitting.parameters import raw_to_splats, splats_to_raw
+from timm_splat.fitting.solvers import Adam, _solve2, _solve3, geometry_blocks, solve_colors
+from timm_splat.fitting.topology import prune, relocate
 from timm_splat.images import to_rgb_tensors
 
 FAST = dict(iterations=60, prune_every=10)
@@ -68,12 +71,12 @@ def test_prune_keeps_the_highest_luminance_splats():
     raw[0, :, 6] = -lum / 0.7152  # luminance uses |colour|
     live = torch.ones(1, 6, 1)
     live[0, 5] = 0  # a dead splat is never kept over a live one
-    adam = _Adam(raw, torch.ones(8))
+    adam = Adam(raw, torch.ones(8))
     adam.m = raw.clone()
-    kept, live2 = _prune(raw, live, adam, keep=3, threshold=0.0)
+    kept, live2 = prune(raw, live, adam, keep=3, threshold=0.0)
     assert torch.allclose(kept[0, :, 6].abs() * 0.7152, torch.tensor([0.5, 0.9, 0.2]))
     assert torch.equal(adam.m, kept)  # the moments follow their splats
-    kept, live3 = _prune(raw, live, _Adam(raw, torch.ones(8)), keep=5, threshold=0.05)
+    kept, live3 = prune(raw, live, Adam(raw, torch.ones(8)), keep=5, threshold=0.05)
     assert live3[0, :, 0].tolist() == [1, 0, 1, 1, 0]  # under the threshold: dropped
 
 
@@ -94,6 +97,10 @@ def test_prune_keeps_the_highest_luminance_splats():
         (dict(relocate_solve=-2), "relocate_solve"),
         (dict(final_solve=-1), "final_solve"),
         (dict(adam_beta2=1.0), "adam_beta2"),
+        (dict(geometry_step="newton"), "geometry_step"),
+        (dict(gn_momentum=1.0), "gn_momentum"),
+        (dict(gn_damping=-1.0), "gn_damping"),
+        (dict(color_step="exact"), "color_step"),
         (dict(num_splats=2.5), "num_splats must be an int"),
         (dict(init_scale=float("inf")), "init_scale must be a finite number"),
         (dict(lr_color=float("nan")), "lr_color must be a finite number"),
@@ -133,7 +140,10 @@ def test_presets():
         1.5,
     )
     assert paper.relocate_every == 0 and paper.color_solve == 0 and paper.l1_color == 1e-6
-    assert set(PRESETS) >= {"default", "paper"}
+    assert set(PRESETS) >= {"default", "paper", "adam150", "cg"}
+    assert FitConfig.preset("cg").color_step == "cg" and FitConfig.preset("cg").iterations == 150
+    # Today's default, pinned: a later default change must not move the reference preset.
+    assert FitConfig.preset("adam150") == FitConfig()
     with pytest.raises(ValueError, match="unknown fit preset"):
         FitConfig.preset("fast")
     with pytest.raises(ValueError, match="relocate_sigma"):
@@ -264,3 +274,96 @@ def test_codec_steps_fit_what_the_codec_decodes(astronaut_64):
         assert float(after) > float(baseline)  # better than quantising the float fit afterwards
     with pytest.raises(ValueError, match="codec_steps"):
         FitConfig(codec_steps=-1)
+
+
+def test_geometry_blocks_are_the_diagonal_blocks_of_the_gauss_newton_matrix():
+    """The closed-form per-splat blocks equal J^T J of the reference renderer's Jacobian with
+    respect to one splat's geometry (optimised parameters), for a sheared splat well inside the
+    image. The closed form ignores the renderer's 3-sigma cut-off, which drops ~0.6% of the
+    shape blocks (their integrand carries |z|^4) and ~0.1% of the position blocks."""
+    height, width = 80, 96
+    splat = torch.tensor([[[0.52, 0.47, 0.05, 0.02, 0.06, 0.7, -0.2, 0.4]]], dtype=torch.float64)
+    raw = splats_to_raw(splat)[0, 0]
+
+    def image(geometry):
+        full = torch.cat([geometry, raw[5:]])
+        return ops.render(raw_to_splats(full)[None, None], height, width, "reference").flatten()
+
+    jacobian = torch.autograd.functional.jacobian(image, raw[:5])  # [3HW, 5]
+    exact = jacobian.T @ jacobian
+    position, shape = geometry_blocks(splat, height, width)
+    for block, want in ((position[0, 0], exact[:2, :2]), (shape[0, 0], exact[2:, 2:])):
+        torch.testing.assert_close(block.diagonal(), want.diagonal(), rtol=1e-2, atol=0)
+        scale = want.diagonal().rsqrt()  # compare as correlations: entries near 0 included
+        torch.testing.assert_close(
+            block * scale[:, None] * scale, want * scale[:, None] * scale, rtol=0, atol=1e-2
+        )
+    # position and shape do not couple for a lone Gaussian
+    scale = exact.diagonal().rsqrt()
+    assert (exact[:2, 2:] * scale[:2, None] * scale[2:]).abs().max() < 1e-2
+
+
+def test_small_block_solves():
+    gen = torch.Generator().manual_seed(0)
+    for size, solve in ((2, _solve2), (3, _solve3)):
+        m = torch.randn(4, size, size, generator=gen, dtype=torch.float64)
+        a = m @ m.transpose(-1, -2) + torch.eye(size, dtype=torch.float64)
+        g = torch.randn(4, size, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(solve(a, g), torch.linalg.solve(a, g))
+
+
+def test_gauss_newton_geometry_steps_fit_and_keep_the_invariants(astronaut_64):
+    small = astronaut_64.resize((32, 32))
+    images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    options = dict(num_splats=40, iterations=30, geometry_step="gauss_newton")
+    start = fit_splats(images, num_splats=40, iterations=0).psnr
+    a = fit_splats(images, **options)
+    assert (a.psnr > start + 1).all()  # it fits
+    assert torch.equal(a.splats, fit_splats(images, **options).splats)  # deterministic
+    single = fit_splats(images[1], **options)
+    assert torch.equal(single.splats[0], a.splats[1])  # batch-invariant, bit for bit
+    # With pruning from above (grid at 1.5x), the momentum follows the surviving splats.
+    paper = FitConfig.preset("paper", num_splats=40, iterations=30, prune_every=5)
+    assert fit_splats(images, paper, geometry_step="gauss_newton").psnr.isfinite().all()
+
+
+def test_colour_cg_steps_reach_the_least_squares_colours():
+    """For a fixed geometry the colour steps are conjugate gradients with exact line search on
+    a quadratic: they approach the least-squares colours (row 32 of docs/fitting.md)."""
+    from timm_splat.fitting.solvers import ColourCG
+
+    target = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(3))
+    start = initial_splats(target, 20, FitConfig.preset("paper", num_splats=20), "reference")
+    best = solve_colors(start, target, 60, "reference")
+    live = torch.ones(2, start.shape[1], 1)
+    param, cg = start.clone(), ColourCG(16, 12, "reference")
+
+    def excess(splats):
+        def err(x):
+            return (ops.render(x, 16, 12, "reference") - target).square().sum()
+
+        return float(err(splats) - err(best))
+
+    for _ in range(12):
+        residual = ops.render(param, 16, 12, "reference") - target
+        cg.step(param, param.clone(), ops.render_vjp(param, residual, 16, 12, "reference"), live)
+    torch.testing.assert_close(param[..., :5], start[..., :5])  # geometry untouched
+    assert excess(param) < 0.05 * excess(start)
+    cg.reset(torch.zeros(2, 1, dtype=torch.long))
+    assert cg.direction is None  # restarts after relocation
+
+
+@pytest.mark.parametrize("start", [0.0, 0.5])
+def test_colour_cg_fits_deterministically_and_batch_invariantly(astronaut_64, start):
+    small = astronaut_64.resize((32, 32))
+    images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    options = dict(num_splats=40, iterations=30, color_step="cg", color_cg_start=start)
+    a = fit_splats(images, **options)
+    assert (a.psnr > fit_splats(images, num_splats=40, iterations=0).psnr + 1).all()
+    assert torch.equal(a.splats, fit_splats(images, **options).splats)
+    assert torch.equal(fit_splats(images[1], **options).splats[0], a.splats[1])
+    paper = FitConfig.preset("paper", num_splats=40, iterations=30, prune_every=5)
+    assert fit_splats(images, paper, color_step="cg").psnr.isfinite().all()  # prunes from above
+    if start:  # Adam has the colours until then: the first steps are plain Adam's
+        adam = fit_splats(images, num_splats=40, iterations=30, callback=None)
+        assert not torch.equal(a.splats, adam.splats)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "timm_splat"
 LAYERS = [
     {"splats", "images", "samples", "extension", "reference", "resources", "version"},
     {"ops", "testing", "augment", "codec"},
-    {"fitting_init", "report", "codec_refine"},
+    {"report", "codec_refine"},
     {"fitting"},
     {"transforms"},
     {"models", "data"},
@@ -25,6 +25,18 @@ LAYERS = [
     {"training", "evaluation"},
     {"reproduce"},
     {"cli"},
+]
+# Inside the fitter (a package of one unit), one module per stage, lowest first: a stage imports
+# only the stages before it, so a fit reads top-down from loop to config.
+FITTING_STAGES = [
+    "config",
+    "sampling",
+    "parameters",
+    "initial",
+    "solvers",
+    "schedules",
+    "topology",
+    "loop",
 ]
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 FACE = {"__init__", "__main__"}  # timm_splat/__init__.py re-exports; __main__ runs the CLI
@@ -100,6 +112,25 @@ def test_imports_go_down_the_layers():
                     f"{module} (layer {LAYER_OF[unit]}) -> {target} (layer {LAYER_OF[other]})"
                 )
     assert not wrong, "imports against the layers:\n" + "\n".join(sorted(wrong))
+
+
+def test_the_fitter_stages_import_downwards():
+    modules = {name for name in graph() if unit_of(name) == "fitting"} - {"timm_splat.fitting"}
+    stages = {name.split(".")[2] for name in modules}
+    assert stages == set(FITTING_STAGES), (
+        f"add {sorted(stages - set(FITTING_STAGES))} to FITTING_STAGES"
+    )
+    rank = {stage: i for i, stage in enumerate(FITTING_STAGES)}
+    wrong = []
+    for module in modules:
+        for target in graph()[module]:
+            if unit_of(target) != "fitting":
+                continue
+            if target == "timm_splat.fitting":
+                wrong.append(f"{module} -> {target} (the fitter's face)")
+            elif rank[target.split(".")[2]] >= rank[module.split(".")[2]]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "fitter stages importing upwards:\n" + "\n".join(sorted(wrong))
 
 
 def test_no_import_cycles():
