@@ -711,3 +711,30 @@ def test_hub_cache_links_into_its_blobs_are_followed(baseline, tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     rows = load_prefit("org/splats-gs16", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 12
+
+
+def test_fit_options_added_later_at_their_defaults_still_resume(tmp_path):
+    """A dataset pre-fitted before a FitConfig field existed resumes when the field is at its
+    default (the same fit); a non-default value is still refused."""
+    from timm_splat.data import MNIST, prefit
+
+    prefit(MNIST, tmp_path, split="test", num_splats=4, image_size=28, limit=4, progress=False)
+    settings = tmp_path / ".prefit" / "settings.json"
+    stored = json.loads(settings.read_text())
+    del stored["fit"]["color_step"]  # as written before the field existed
+    settings.write_text(json.dumps(stored))
+    stats = prefit(
+        MNIST, tmp_path, split="test", num_splats=4, image_size=28, limit=6, progress=False
+    )
+    assert stats["rows"] == 6
+    with pytest.raises(Exception, match="other settings"):
+        prefit(
+            MNIST,
+            tmp_path,
+            split="test",
+            num_splats=4,
+            image_size=28,
+            limit=8,
+            progress=False,
+            color_step="cg",
+        )

@@ -86,7 +86,13 @@ def _check_settings(out: Path, split: str, settings: dict, run: dict) -> None:
     state = out / STATE_DIR
     path = state / "settings.json"
     if path.exists():
-        diffs = _diffs(read_state_json(path), settings)
+        stored = read_state_json(path)
+        if isinstance(stored.get("fit"), dict):
+            # Fit options added since the shards were written, at their defaults, fit the same.
+            defaults = dataclasses.asdict(FitConfig())
+            new = set(settings.get("fit", {})) - set(stored["fit"])
+            stored["fit"] = {**{k: defaults[k] for k in new if k in defaults}, **stored["fit"]}
+        diffs = _diffs(stored, settings)
         if diffs:
             raise PrefitError(
                 f"{out} holds splats pre-fitted with other settings ({diffs}). Shards of "
