@@ -335,3 +335,12 @@ def test_damaged_model_folders_name_the_file(saved, run_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors"):
         load_clip(str(run))
+
+
+def test_non_finite_weights_are_never_published(tmp_path):
+    model = timm.create_model("splat_vit_test", num_classes=4, num_splats=8)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite weights"):
+        hub.save_pretrained(model, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

@@ -262,6 +262,14 @@ def save_pretrained(
         raise TypeError(
             f"save_pretrained takes a splat CLIP or a splat ViT, got {type(model).__name__}"
         )
+    bad = [
+        k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(
+            f"the model has non-finite weights ({bad[0]}, ...): nothing is saved or published; "
+            "train it again from a checkpoint before the loss diverged"
+        )
     is_clip = trunk is not model
     num_splats = int(num_splats or trunk.num_splats)
     if num_splats < 1:
