@@ -418,3 +418,28 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     a = load_file(full / "final" / "model.safetensors")
     b = load_file(cut / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_foreign_timm_folder_config_is_a_clear_error(stages, tmp_path):
+    folder = tmp_path / "repo"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "timm_splat",
+            "push",
+            str(stages["student"]),
+            "org/cls",
+            "--folder-only",
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = "vit_tiny_patch16_224"  # a model that takes no num_splats
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json"):
+        load_classifier(folder)

@@ -261,7 +261,13 @@ def load_classifier(pretrained, model_name: str | None = None, *, num_splats=Non
     local = None if pretrained.startswith("hf-hub:") else Path(pretrained)
     if local is None or (local / "config.json").is_file():
         source = pretrained if local is None else f"local-dir:{local}"
-        model, run = timm.create_model(source, pretrained=True), {}
+        try:
+            model, run = timm.create_model(source, pretrained=True), {}
+        except (TypeError, RuntimeError, KeyError) as exc:  # an edited or foreign config.json
+            raise ValueError(
+                f"{pretrained}: its config.json does not build a classifier its weights fit "
+                f"({type(exc).__name__}: {exc}); save it again with timm-splat push"
+            ) from exc
         name = model.pretrained_cfg.get("architecture", source)
     else:
         if not local.exists():
