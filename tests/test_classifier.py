@@ -443,3 +443,22 @@ def test_a_foreign_timm_folder_config_is_a_clear_error(stages, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json"):
         load_classifier(folder)
+
+
+@pytest.mark.parametrize("target", ["logits", "both"])
+def test_stage_one_can_match_the_teachers_logits(stages, tmp_path, target):
+    result = train(
+        TrainConfig(
+            stage="distill",
+            model="splat_vit_mini",
+            train_data=str(stages["data"]),
+            output=str(tmp_path / target),
+            teacher="vit_mini_patch7_28",
+            teacher_pretrained=str(stages["teacher"]),
+            distill_target=target,
+            epochs=1,
+            max_steps=2,
+            **SMALL,
+        )
+    )
+    assert result["steps"] == 2 and np.isfinite(result["final_loss"]) and result["final_loss"] > 0
