@@ -462,3 +462,14 @@ def test_stage_one_can_match_the_teachers_logits(stages, tmp_path, target):
         )
     )
     assert result["steps"] == 2 and np.isfinite(result["final_loss"]) and result["final_loss"] > 0
+
+
+def test_an_edited_run_json_cannot_change_the_model(stages, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stages["student"] / "final", run / "final")
+    load_classifier(run)  # as written: loads
+    recorded = json.loads((run / "final" / "run.json").read_text())
+    for key, value in (("quick_gelu", True), ("num_splats", 32), ("num_latents", 8)):
+        (run / "final" / "run.json").write_text(json.dumps({**recorded, key: value}))
+        with pytest.raises(ValueError, match=f"{key} = .*run.json was edited"):
+            load_classifier(run)

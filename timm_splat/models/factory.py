@@ -77,7 +77,56 @@ def resolve_run(path: Path) -> tuple[Path, dict]:
         raise ValueError(f"{run_file}: model must be a config name, got {model!r}")
     if not isinstance(quick, bool):
         raise ValueError(f"{run_file}: quick_gelu must be true or false, got {quick!r}")
+    _check_against_weights(run, path, run_file)
     return path, run
+
+
+# What builds the model again, copied into the weights file's header when training writes it,
+# so an edited run.json (quick_gelu, the budget, the latents) cannot change the model silently.
+RUN_METADATA_KEY = "timm_splat_run"
+MODEL_DEFINING = (
+    "model",
+    "num_splats",
+    "num_classes",
+    "num_latents",
+    "quick_gelu",
+    "local_latents",
+)
+
+
+def run_metadata(run: dict) -> dict[str, str]:
+    """The safetensors metadata training writes beside its weights (see above)."""
+    return {RUN_METADATA_KEY: json.dumps({k: run.get(k) for k in MODEL_DEFINING})}
+
+
+def _check_against_weights(run: dict, weights: Path, run_file: Path) -> None:
+    if not run:
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = (f.metadata() or {}).get(RUN_METADATA_KEY)
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(f"{weights} is not a readable safetensors file ({exc})") from None
+    if stored is None:  # weights written before the header recorded the run
+        return
+    try:
+        recorded = json.loads(stored)
+    except ValueError:
+        raise ValueError(f"{weights}: its {RUN_METADATA_KEY} header is not JSON") from None
+    changed = [
+        k
+        for k in MODEL_DEFINING
+        if k in run and isinstance(recorded, dict) and run[k] != recorded.get(k)
+    ]
+    if not isinstance(recorded, dict) or changed:
+        key = changed[0] if changed else RUN_METADATA_KEY
+        raise ValueError(
+            f"{run_file} says {key} = {run.get(key)!r}, but {weights.name} was trained with "
+            f"{recorded.get(key) if isinstance(recorded, dict) else '?'!r}: run.json was edited "
+            "or belongs to other weights; restore it from the training run"
+        )
 
 
 def _read_config(path: Path, what: str = "a JSON object") -> dict:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoints import resume_checkpoint, save_checkpoint
+from ..models.factory import run_metadata
 
 START = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
 
@@ -103,7 +104,7 @@ def write_final(run, result: dict) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
-    save_file(weights, partial / "model.safetensors")
+    save_file(weights, partial / "model.safetensors", metadata=run_metadata(result))
     (partial / "run.json").write_text(json.dumps(result, indent=2) + "\n")
     for final in (run.stage_dir / "final", run.run_dir / "final"):
         publish(partial, final)
