@@ -239,19 +239,10 @@ def test_top1_evaluation_matches_the_model(stages):
     assert fitted["input"] == "splats" and fitted["n"] == 8 and 0 < fitted["max_splats"] <= 8
 
 
-def test_a_saved_classifier_loads_the_timm_way(stages, tmp_path):
-    weights = stages["student"] / "final" / "model.safetensors"
-    model = timm.create_model(
-        "splat_vit_mini",
-        pretrained=True,
-        num_classes=10,
-        num_splats=8,
-        pretrained_cfg_overlay=dict(file=str(weights), num_classes=10),
-    )
-    state = load_file(weights)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # head kept
-    # push --folder-only writes timm's layout; hf-hub: loads it back offline.
-    folder = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def pushed(stages):
+    """The student run as ``timm-splat push --folder-only`` writes it (timm's layout)."""
+    folder = stages["root"] / "pushed"
     result = subprocess.run(
         [
             sys.executable,
@@ -268,6 +259,22 @@ def test_a_saved_classifier_loads_the_timm_way(stages, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return folder
+
+
+def test_a_saved_classifier_loads_the_timm_way(stages, pushed, tmp_path):
+    weights = stages["student"] / "final" / "model.safetensors"
+    model = timm.create_model(
+        "splat_vit_mini",
+        pretrained=True,
+        num_classes=10,
+        num_splats=8,
+        pretrained_cfg_overlay=dict(file=str(weights), num_classes=10),
+    )
+    state = load_file(weights)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # head kept
+    # push --folder-only writes timm's layout; hf-hub: loads it back offline.
+    folder = pushed
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "splat_vit_mini" and "file" not in config["pretrained_cfg"]
     cache = tmp_path / "hf" / "hub"
@@ -420,24 +427,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_foreign_timm_folder_config_is_a_clear_error(stages, tmp_path):
+def test_a_foreign_timm_folder_config_is_a_clear_error(pushed, tmp_path):
     folder = tmp_path / "repo"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "timm_splat",
-            "push",
-            str(stages["student"]),
-            "org/cls",
-            "--folder-only",
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copytree(pushed, folder)
     config = json.loads((folder / "config.json").read_text())
     config["architecture"] = "vit_tiny_patch16_224"  # a model that takes no num_splats
     (folder / "config.json").write_text(json.dumps(config))

@@ -317,46 +317,47 @@ class EvalConfig:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
 
 
-class RenderedSplats(torch.nn.Module):
-    """An RGB CLIP that reads splats: renders them at its input size, clamps to [0, 1] and
-    normalises them like its pixels (the paper's control: the teacher on the splats rendered
-    back to pixels)."""
+class _Rendered(torch.nn.Module):
+    """Splats rendered at an RGB model's input size, clamped to [0, 1] and normalised like its
+    pixels (the paper's control: the teacher on the splats rendered back to pixels)."""
 
-    def __init__(self, clip):
+    def __init__(self, model):
         super().__init__()
-        cfg = clip.visual.preprocess_cfg
-        self.clip, self.size = clip, tuple(cfg["size"])
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(3, 1, 1), persistent=False)
+        from .models import pixel_config
 
-    def encode_image(self, splats: torch.Tensor) -> torch.Tensor:
+        self.size, mean, std = pixel_config(model)
+        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+
+    def pixels(self, splats: torch.Tensor) -> torch.Tensor:
         from .ops import render_splats
 
-        pixels = render_splats(splats, *self.size).clamp(0, 1)
-        return self.clip.encode_image((pixels - self.mean) / self.std)
+        return (render_splats(splats, *self.size).clamp(0, 1) - self.mean) / self.std
+
+
+class RenderedSplats(_Rendered):
+    """An RGB CLIP that reads splats (``encode_image`` of the rendered splats)."""
+
+    def __init__(self, clip):
+        super().__init__(clip)
+        self.clip = clip
+
+    def encode_image(self, splats: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(self.pixels(splats))
 
     def encode_text(self, *args, **kwargs):
         return self.clip.encode_text(*args, **kwargs)
 
 
-class RenderedForClassifier(torch.nn.Module):
-    """An RGB timm classifier that reads splats: renders them at its input size, clamps to
-    [0, 1] and normalises them with its data config (the paper's control, for a classifier)."""
+class RenderedForClassifier(_Rendered):
+    """An RGB timm classifier that reads splats (its logits on the rendered splats)."""
 
     def __init__(self, model):
-        super().__init__()
-        from timm.data import resolve_model_data_config
-
-        cfg = resolve_model_data_config(model)
-        self.model, self.size = model, tuple(cfg["input_size"][-2:])
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(3, 1, 1), persistent=False)
+        super().__init__(model)
+        self.model = model
 
     def forward(self, splats: torch.Tensor) -> torch.Tensor:
-        from .ops import render_splats
-
-        pixels = render_splats(splats, *self.size).clamp(0, 1)
-        return self.model((pixels - self.mean) / self.std)
+        return self.model(self.pixels(splats))
 
 
 def is_splat_config(name: str) -> bool:
@@ -402,9 +403,8 @@ def evaluate(config: EvalConfig) -> dict:
     splats."""
     import open_clip
 
-    from .data import is_image_source, labelled_loader
-    from .models import load_clip, splat_trunk
-    from .transforms import SplatTransform
+    from .data import is_image_source
+    from .models import load_clip, pixel_transform, splat_trunk
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.pretrained is None:
@@ -417,20 +417,7 @@ def evaluate(config: EvalConfig) -> dict:
     if name and not is_splat_config(name):  # an RGB CLIP: pixels, or rendered splats
         model = load_rgb_clip(name, config.pretrained, device)
         info, num_splats = {"model": name, "tokenizer": name}, None
-        cfg = model.visual.preprocess_cfg
-        pixels = open_clip.image_transform(
-            cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"]
-        )
-        loader, data_classes = labelled_loader(
-            config.data,
-            split=config.split,
-            batch_size=config.batch_size,
-            transform=pixels,
-            num_splats=config.num_splats,
-            workers=config.workers,
-            limit=config.limit,
-            images=images,
-        )
+        loader, data_classes = _loader(config, pixel_transform(model), images)
         reader = model if images else RenderedSplats(model).to(device)
         kind = "pixels" if images else "rendered splats"
     else:
@@ -438,21 +425,7 @@ def evaluate(config: EvalConfig) -> dict:
             config.pretrained, config.model, num_splats=config.num_splats, device=device
         )
         trunk = splat_trunk(model)
-        overrides = {"device": device}
-        if config.image_size:
-            overrides["image_size"] = config.image_size
-        if config.iterations:
-            overrides["iterations"] = config.iterations
-        loader, data_classes = labelled_loader(
-            config.data,
-            split=config.split,
-            batch_size=config.batch_size,
-            transform=SplatTransform.from_config(trunk, **overrides),
-            num_splats=config.num_splats,
-            workers=config.workers,
-            limit=config.limit,
-            images=images,
-        )
+        loader, data_classes = _loader(config, _fit_transform(config, trunk, device), images)
         reader, kind, num_splats = model, "splats", trunk.num_splats
     classnames = load_classnames(config.classnames, data_classes)
     templates = load_templates(config.templates)
@@ -477,6 +450,33 @@ def evaluate(config: EvalConfig) -> dict:
     }
 
 
+def _fit_transform(config: EvalConfig, trunk, device):
+    """The SplatTransform images are fitted with: the model's, with the config's overrides."""
+    from .transforms import SplatTransform
+
+    overrides = {"device": device}
+    if config.image_size:
+        overrides["image_size"] = config.image_size
+    if config.iterations:
+        overrides["iterations"] = config.iterations
+    return SplatTransform.from_config(trunk, **overrides)
+
+
+def _loader(config: EvalConfig, transform, images: bool):
+    from .data import labelled_loader
+
+    return labelled_loader(
+        config.data,
+        split=config.split,
+        batch_size=config.batch_size,
+        transform=transform,
+        num_splats=config.num_splats,
+        workers=config.workers,
+        limit=config.limit,
+        images=images,
+    )
+
+
 def _task(config: EvalConfig, local, name) -> str:
     from .models import model_task
 
@@ -493,11 +493,7 @@ def _task(config: EvalConfig, local, name) -> str:
 def evaluate_top1(config: EvalConfig, images: bool) -> dict:
     """Top-1 / top-5 of a timm classifier on ``config.data``: a splat classifier on splats
     (pre-fitted, or images fitted here), an RGB one on pixels or on rendered splats."""
-    from timm.data import create_transform, resolve_model_data_config
-
-    from .data import labelled_loader
-    from .models import load_classifier, splat_trunk
-    from .transforms import SplatTransform
+    from .models import load_classifier, pixel_transform, splat_trunk
 
     if config.pretrained is None:
         raise ValueError("--pretrained: which classifier (a run directory, file or hf-hub: id)")
@@ -507,27 +503,13 @@ def evaluate_top1(config: EvalConfig, images: bool) -> dict:
     )
     trunk = splat_trunk(model)
     if trunk is not None:
-        overrides = {"device": device}
-        if config.image_size:
-            overrides["image_size"] = config.image_size
-        if config.iterations:
-            overrides["iterations"] = config.iterations
-        transform = SplatTransform.from_config(trunk, **overrides)
+        transform = _fit_transform(config, trunk, device)
         reader, kind, num_splats = model, "splats", trunk.num_splats
     else:
-        transform = create_transform(**resolve_model_data_config(model), is_training=False)
+        transform = pixel_transform(model)
         reader = model if images else RenderedForClassifier(model).to(device)
         kind, num_splats = ("pixels" if images else "rendered splats"), None
-    loader, classes = labelled_loader(
-        config.data,
-        split=config.split,
-        batch_size=config.batch_size,
-        transform=transform,
-        num_splats=config.num_splats,
-        workers=config.workers,
-        limit=config.limit,
-        images=images,
-    )
+    loader, classes = _loader(config, transform, images)
     start = time.perf_counter()
     metrics = evaluate_classifier(
         reader,

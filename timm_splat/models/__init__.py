@@ -18,6 +18,8 @@ from .factory import (
     load_classifier,
     load_clip,
     model_task,
+    pixel_config,
+    pixel_transform,
     resolve_run,
 )
 from .splat_vit import SplatVisionTransformer
@@ -38,6 +40,8 @@ __all__ = [
     "from_rgb",
     "load_clip",
     "model_task",
+    "pixel_config",
+    "pixel_transform",
     "resolve_run",
     "set_local_latents",
     "set_quick_gelu",

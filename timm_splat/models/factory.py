@@ -363,3 +363,34 @@ def model_task(name: str) -> str:
     if open_clip.get_model_config(name) is None and timm.is_model(name):
         return "classify"
     return "clip"
+
+
+def pixel_config(model) -> tuple[tuple[int, int], tuple, tuple]:
+    """``(size, mean, std)`` an RGB model's pixels are prepared with: an open_clip CLIP's
+    ``preprocess_cfg`` or a timm model's data config."""
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "preprocess_cfg"):
+        cfg = visual.preprocess_cfg
+        size = cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return size, tuple(cfg["mean"]), tuple(cfg["std"])
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    return tuple(cfg["input_size"][-2:]), tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def pixel_transform(model):
+    """The eval transform an RGB model's images go through: open_clip's ``image_transform`` of
+    a CLIP's preprocess config, or timm's ``create_transform`` of a timm model's data config."""
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "preprocess_cfg"):
+        import open_clip
+
+        cfg = visual.preprocess_cfg
+        return open_clip.image_transform(
+            cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"]
+        )
+    from timm.data import create_transform, resolve_model_data_config
+
+    return create_transform(**resolve_model_data_config(model), is_training=False)

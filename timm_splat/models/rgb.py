@@ -5,27 +5,18 @@ from __future__ import annotations
 
 from functools import partial
 
-from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .splat_vit import _cfg
+
+# The splat models' cfg (CLIP mean / std, crop 1.0): the twins read the same pixels.
 default_cfgs = generate_default_cfgs(
     {
-        "vit_mini_patch7_28.untrained": {
-            "url": "",
-            "num_classes": 10,
-            "input_size": (3, 28, 28),
-            "pool_size": None,
-            "crop_pct": 1.0,
-            "interpolation": "bicubic",
-            "fixed_input_size": True,
-            "mean": OPENAI_CLIP_MEAN,
-            "std": OPENAI_CLIP_STD,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-            "license": "apache-2.0",
-        }
+        "vit_mini_patch7_28.untrained": _cfg(
+            num_classes=10, input_size=(3, 28, 28), fixed_input_size=True
+        )
     }
 )
 

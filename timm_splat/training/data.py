@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..augment import SplatAugment
 from ..data import TrainingCollate, open_train_data
+from ..models import pixel_transform
 from ..splats import DEFAULT_NUM_SPLATS
 from ..transforms import SplatTransform
 from .config import TrainConfig
@@ -66,18 +67,6 @@ def num_classes_of(config: TrainConfig, dataset) -> int | None:
     return len(names)
 
 
-def pixel_preprocess(config: TrainConfig, rgb_model):
-    """The eval transform of an RGB model's data config: what its pixels go through."""
-    if config.task == "classify":
-        from timm.data import create_transform, resolve_model_data_config
-
-        return create_transform(**resolve_model_data_config(rgb_model), is_training=False)
-    import open_clip
-
-    cfg = rgb_model.visual.preprocess_cfg
-    return open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"])
-
-
 def build_loader(config: TrainConfig, dataset, rgb_model, fit_device) -> DataLoader:
     """Batches for this stage: ``splats`` (students), ``pixels`` (``rgb_model``: stage 1's
     teacher, or the RGB model that trains), ``tokens`` (a CLIP's captions), ``labels``."""
@@ -104,7 +93,7 @@ def build_loader(config: TrainConfig, dataset, rgb_model, fit_device) -> DataLoa
         num_workers=config.workers,
         collate_fn=TrainingCollate(
             splat_transform,
-            pixel_preprocess(config, rgb_model) if rgb_model is not None else None,
+            pixel_transform(rgb_model) if rgb_model is not None else None,
             tokenizer,
             labels=config.task == "classify" and config.stage != "distill",
             splat_augment=augment,
