@@ -177,10 +177,11 @@ class SplatVisionTransformer(VisionTransformer):
         ``_NOT_CAPTURED``)."""
         images = pixels.float() * self.pixel_std + self.pixel_mean
         low, high = (float(v) for v in torch.aminmax(images))
-        # Normalised noise (what timm's tests and tools feed, torch.randn) un-normalises to about
-        # [-0.6, 1.6] and is clamped like resampling overshoot; 0..255 tensors and the like are
-        # far outside and refused.
-        if low < -1.0 or high > 2.0:
+        # Normalised noise (what timm's tests and tools feed, torch.randn) un-normalises to
+        # mean +- std * (its extremes, beyond 5 sigma in a 224x224 batch now and then): within
+        # [-2.5, 3.5] up to 8 sigma, and clamped like resampling overshoot; 0..255 tensors and
+        # the like are far outside and refused.
+        if low < -2.5 or high > 3.5:
             raise ValueError(
                 f"pixel inputs un-normalise to [{low:.2f}, {high:.2f}], not [0, 1]: normalise them "
                 "with the model's data config (timm.data.resolve_model_data_config(model)), or "
