@@ -107,7 +107,9 @@ def test_encode_errors(splats, call, message):
         call(splats)
 
 
-def _header(method=0, count=1, bits=(10, 4, 3, 6), size=(0, 0), magic=MAGIC, version=VERSION):
+def _header(method=0, count=1, bits=(10, 4, 3, 6), size=(0, 0), magic=MAGIC, version=1):
+    """A hand-made header; version 1 by default, which has no checksum, so what follows is
+    parsed whatever it is (the parser's own checks are what these tests reach)."""
     return HEADER.pack(magic, version, method, count, *bits, *size)
 
 
@@ -116,7 +118,10 @@ def _header(method=0, count=1, bits=(10, 4, 3, 6), size=(0, 0), magic=MAGIC, ver
     [
         (b"", "shorter than the header"),
         (b"PK\x03\x04" + bytes(40), "magic"),
-        (_header(version=2), "version 2"),
+        (_header(version=3), "version 3"),
+        (_header(version=0), "version 0"),
+        (_header(version=2), "shorter than the header"),
+        (_header(version=2) + bytes(4), "damaged"),
         (_header(method=7), "entropy stage"),
         (_header(count=MAX_SPLATS + 1), "more than"),
         (_header(bits=(10, 4, 3, 99)), "colour_bits"),
@@ -135,6 +140,8 @@ def test_decode_errors(data, message):
 def test_trailing_bytes_are_refused(splats):
     for method in ("stored", "zlib", "lzma"):
         with pytest.raises(ValueError, match="trailing|truncated"):
+            decode(encode(splats, method=method, version=1) + b"\x00")
+        with pytest.raises(ValueError, match="damaged"):  # version 2: the checksum sees it
             decode(encode(splats, method=method) + b"\x00")
 
 
@@ -170,12 +177,51 @@ def test_decoded_values_stay_valid():
         decode(_header(count=1, bits=(10, 0, 3, 6)) + huge)
 
 
+# -- version 2: the checksum -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["stored", "zlib", "lzma"])
+def test_every_single_bit_flip_is_refused(splats, method):
+    """Version 1 decoded most single-bit flips into other splats; version 2's CRC-32 refuses
+    every one of them (and any burst of up to 32 bits), in the header or the payload."""
+    data = encode(splats, method=method, size=(48, 40))
+    assert read_header(data).version == VERSION == 2
+    for bit in range(8 * len(data)):
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(ValueError):
+            decode(bytes(damaged))
+    for cut in range(len(data)):
+        with pytest.raises(ValueError):
+            decode(data[:cut])
+
+
+def test_version_1_files_still_decode(splats):
+    for method in ("stored", "zlib", "lzma"):
+        old = encode(splats, method=method, size=(48, 40), version=1)
+        new = encode(splats, method=method, size=(48, 40))
+        assert len(new) == len(old) + 4 and new[5:18] == old[5:18]
+        assert read_header(old).version == 1 and read_header(old).height == 48
+        assert torch.equal(decode(old), decode(new))
+        assert encode(decode(old), method=method, size=(48, 40)) == new  # re-encoding upgrades
+    with pytest.raises(ValueError, match="version must be"):
+        encode(splats, version=3)
+
+
+def test_a_damaged_version_2_file_says_so(splats):
+    data = bytearray(encode(splats))
+    data[-1] ^= 0x10
+    with pytest.raises(ValueError, match="damaged.*CRC-32"):
+        decode(bytes(data))
+
+
 # -- fuzzing -----------------------------------------------------------------------------------
 
 FUZZ = settings(max_examples=800, deadline=None)
 GOOD = encode(random_splats(1, 40, torch.float32, seed=1)[0], size=(32, 32))
 GOOD_STORED = encode(random_splats(1, 40, torch.float32, seed=1)[0], method="stored")
 GOOD_ZLIB = encode(random_splats(1, 40, torch.float32, seed=1)[0], method="zlib")
+GOOD_V1 = encode(random_splats(1, 40, torch.float32, seed=1)[0], method="zlib", version=1)
 
 
 def _survives(data: bytes) -> None:
@@ -189,7 +235,7 @@ def _survives(data: bytes) -> None:
 
 @FUZZ
 @given(
-    base=st.sampled_from([GOOD, GOOD_STORED, GOOD_ZLIB]),
+    base=st.sampled_from([GOOD, GOOD_STORED, GOOD_ZLIB, GOOD_V1]),
     flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
     cut=st.one_of(st.none(), st.integers(0, 2000)),
 )
@@ -267,7 +313,7 @@ def test_cli_encode_decode(tmp_path, astronaut_64, capsys):
     printed = capsys.readouterr().out
     assert "dB decoded" in printed and "bpp at 64x64" in printed
     data = (tmp_path / "enc" / "fitted.splat").read_bytes()
-    assert read_header(data)[2:] == (CodecSpec(colour_bits=7), 48, 40)
+    assert read_header(data)[2:] == (CodecSpec(colour_bits=7), 48, 40, VERSION)
     stored = fitted.half().float()  # the .safetensors file holds fp16
     assert torch.equal(decode(data), quantize(stored, colour_bits=7))
     files = [str(tmp_path / "enc" / f"{n}.splat") for n in ("astronaut", "fitted")]

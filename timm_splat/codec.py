@@ -4,7 +4,7 @@ Layout (little-endian)::
 
     offset size  field
     0      4     magic b"SPLT"
-    4      1     version (1)
+    4      1     version (2; version 1 files, without the checksum, still decode)
     5      1     entropy stage: 0 stored, 1 zlib (raw deflate), 2 lzma (raw LZMA2)
     6      4     count: real splats, at most MAX_SPLATS
     10     1     position_bits  p: x, y on the grid 2^-p (normalised units)
@@ -13,7 +13,8 @@ Layout (little-endian)::
     13     1     colour_bits    c: r, g, b on the grid 2^-c
     14     2     height         of the image the splats were fitted to (0: not recorded)
     16     2     width          (the splats render at any size; this is the one they came from)
-    18     ...   payload, through the entropy stage
+    18     4     CRC-32 of bytes 0-17 and the payload (version 2 only; zlib.crc32)
+    22     ...   payload, through the entropy stage (from offset 18 in version 1)
 
 Every value is an integer ``q`` times a power of two, so the decoded float32 values are exact
 and quantising them again gives the same integers: ``encode(decode(b)) == b`` for any bytes
@@ -29,7 +30,10 @@ compressors one distribution at a time; the encoder keeps whichever entropy stag
 :func:`decode` takes untrusted bytes: anything malformed (truncated, wrong magic or version, a
 count above :data:`MAX_SPLATS`, trailing bytes, a payload that decompresses to more than the
 header allows) raises ValueError, and nothing larger than the header's count allows is
-allocated.
+allocated. Bytes damaged on a wire or a disk mostly still parse (version 1: 854 of 1,048
+single-bit flips of a stored file decoded into other splats), hence version 2's checksum: a
+CRC-32 catches every error burst of up to 32 bits and all but 2^-32 of the rest, so a damaged
+file is a ValueError, not different splats.
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ import torch
 from .splats import MIN_CHOLESKY, SPLAT_CHANNELS, check_splats, splat_mask
 
 MAGIC = b"SPLT"
-VERSION = 1
+VERSION = 2  # what encode writes; decode reads VERSIONS
+VERSIONS = (1, 2)
 # A decoder's allocation is bounded by this: 65536 splats is 164x the default budget (400) and
 # more than a 224 x 224 image has pixels.
 MAX_SPLATS = 1 << 16
-HEADER = struct.Struct("<4sBBIBBBBHH")
+HEADER = struct.Struct("<4sBBIBBBBHH")  # the fields, in both versions
+CHECKSUM = struct.Struct("<I")  # version 2: CRC-32 of the fields and the payload
 STORED, ZLIB, LZMA = 0, 1, 2
 METHODS = {"stored": STORED, "zlib": ZLIB, "lzma": LZMA}
 COLUMNS = 7  # morton deltas, log l11, log l22, shear, Y, Co, Cg
@@ -90,6 +96,7 @@ class SplatHeader(NamedTuple):
     spec: CodecSpec
     height: int  # 0: not recorded
     width: int
+    version: int = VERSION
 
 
 def _check_spec(spec: CodecSpec) -> CodecSpec:
@@ -321,6 +328,7 @@ def encode(
     *,
     size: tuple[int, int] | None = None,
     method: str = "auto",
+    version: int = VERSION,
     **bits,
 ) -> bytes:
     """One image's splats ``[N, 8]`` (padding rows dropped) as ``.splat`` bytes.
@@ -328,17 +336,27 @@ def encode(
     ``spec`` or keyword overrides (``position_bits``, ``scale_bits``, ``shear_bits``,
     ``colour_bits``) choose the grids; ``size`` is the (height, width) of the image they were
     fitted to, recorded for whoever renders them; ``method`` the entropy stage ("auto": the
-    smallest of "stored", "zlib", "lzma")."""
+    smallest of "stored", "zlib", "lzma"); ``version`` 1 writes the old format (no checksum)
+    for readers that predate version 2."""
     spec = _spec(spec, bits)
     if method != "auto" and method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {sorted(METHODS)}, got {method!r}")
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     height, width = _size(size)
     q, codes = _canonical(quantize_integers(_one_image(splats), spec))
     payload = _payload(q, codes)
     methods = METHODS.values() if method == "auto" else [METHODS[method]]
     bodies = {m: _compress(payload, m) for m in methods}
     best = min(bodies, key=lambda m: (len(bodies[m]), m))
-    return HEADER.pack(MAGIC, VERSION, best, len(q), *spec, height, width) + bodies[best]
+    fields = HEADER.pack(MAGIC, version, best, len(q), *spec, height, width)
+    if version == 1:
+        return fields + bodies[best]
+    return fields + CHECKSUM.pack(zlib.crc32(bodies[best], zlib.crc32(fields))) + bodies[best]
+
+
+def _header_size(version: int) -> int:
+    return HEADER.size + (CHECKSUM.size if version >= 2 else 0)
 
 
 def _size(size) -> tuple[int, int]:
@@ -357,14 +375,19 @@ def read_header(data: bytes) -> SplatHeader:
     """The header of ``.splat`` bytes; ValueError if it is malformed."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"splat bytes must be bytes, got {type(data).__name__}")
-    data = bytes(data[: HEADER.size])
+    data = bytes(data[: HEADER.size + CHECKSUM.size])
     if len(data) < HEADER.size:
         raise ValueError(f"not a splat file: {len(data)} bytes is shorter than the header")
     magic, version, method, count, *bits, height, width = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"not a splat file: magic {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise ValueError(f"splat format version {version} is not supported (this reads {VERSION})")
+    if version not in VERSIONS:
+        raise ValueError(
+            f"splat format version {version} is not supported (this reads versions "
+            f"{', '.join(map(str, VERSIONS))}): a newer timm-splat wrote it, or it is damaged"
+        )
+    if len(data) < _header_size(version):
+        raise ValueError(f"not a splat file: {len(data)} bytes is shorter than the header")
     names = {code: name for name, code in METHODS.items()}
     if method not in names:
         raise ValueError(f"unknown entropy stage {method} in the splat header")
@@ -372,7 +395,8 @@ def read_header(data: bytes) -> SplatHeader:
         raise ValueError(f"the splat header claims {count} splats, more than {MAX_SPLATS}")
     if (height == 0) != (width == 0):
         raise ValueError(f"the splat header's size {height} x {width} is half recorded")
-    return SplatHeader(names[method], count, _check_spec(CodecSpec(*bits)), height, width)
+    spec = _check_spec(CodecSpec(*bits))
+    return SplatHeader(names[method], count, spec, height, width, version)
 
 
 def decode(data: bytes) -> torch.Tensor:
@@ -380,7 +404,14 @@ def decode(data: bytes) -> torch.Tensor:
     header = read_header(data)
     count, spec = header.count, header.spec
     limit = 20 + COLUMNS * (_COLUMN_OVERHEAD + 8 * count)
-    body = bytes(data[HEADER.size :])
+    body = bytes(data[_header_size(header.version) :])
+    if header.version >= 2:
+        (stored,) = CHECKSUM.unpack_from(data, HEADER.size)
+        if zlib.crc32(body, zlib.crc32(bytes(data[: HEADER.size]))) != stored:
+            raise ValueError(
+                "the splat file is damaged: its CRC-32 does not match its bytes (changed or "
+                "cut in transfer or storage); send or fetch it again"
+            )
     reader = _Reader(_decompress(body, METHODS[header.method], limit))
     xmin, ymin = reader.varint(), reader.varint()
     columns = [reader.column(count) for _ in range(COLUMNS)]
