@@ -23,7 +23,7 @@ LAYERS = [
     # The application: checkpoints, programs as functions, then the command line.
     {"checkpoints"},
     {"training", "evaluation"},
-    {"reproduce"},
+    {"reproduce", "serve"},
     {"cli"},
 ]
 # Inside the fitter (a package of one unit), one module per stage, lowest first: a stage imports

@@ -20,6 +20,8 @@ COMMANDS = {
     "eval": "eval",
     "push": "push",
     "reproduce": "reproduce",
+    "serve": "serve",
+    "send": "send",
 }
 HELP = {
     "demo": "fit scikit-image's sample photos at several budgets",
@@ -32,6 +34,8 @@ HELP = {
     "eval": "zero-shot ImageNet-1K (or any labelled set) evaluation",
     "push": "publish a training run to the Hugging Face Hub",
     "reproduce": "the paper's experiment: teacher, students per budget, accuracy vs compression",
+    "serve": "an inference service for a splat model (needs the serve extra)",
+    "send": "fit and encode images here, post them to a service, time it",
 }
 # What a program reports as bad input (exit 2) rather than as a crash.
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
