@@ -197,8 +197,9 @@ def test_server_answers(server, astronaut_64):
     assert sent.status == 200, sent.answer
     assert len(sent.answer["topk"]) == 2 and len(sent.answer["embedding"]) == 32
     assert sent.request_bytes > sent.payload_bytes > 100 and sent.round_trip_ms > 0
-    sent = send(client, astronaut_64, "astronaut", info, "jpeg")
+    sent = send(client, astronaut_64, "astronaut", info, "jpeg", embedding=False)
     assert sent.status == 200 and sent.answer["input"] == "image"
+    assert "embedding" not in sent.answer and len(sent.answer["topk"]) == 3
     client.close()
 
 

@@ -22,6 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jpeg-quality", type=int, default=90, help="(default: 90)")
     parser.add_argument("--topk", type=int, help="labels per answer (default: the server's)")
     parser.add_argument("--iterations", type=int, help="fitter steps (default: the fitter's)")
+    parser.add_argument(
+        "--no-embedding", action="store_true", help="ask for the top-k alone (a smaller answer)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default: 60)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
 
@@ -55,6 +58,7 @@ def run(args) -> int:
                 info,
                 args.kind,
                 topk=args.topk,
+                embedding=not args.no_embedding,
                 jpeg_quality=args.jpeg_quality,
                 **fit_options,
             )

@@ -2,7 +2,8 @@
 inference workers per device, request timeouts (504), a payload limit (413), ``/health``
 (ready: 200 once every worker has loaded the model, 503 before), ``/live`` and ``/info``, and
 graceful shutdown on SIGTERM / Ctrl+C, all LitServe's own. What is ours: the request format
-(multipart/form-data, one file field ``splat`` or ``image``, optional ``topk``), and that a bad
+(multipart/form-data, one file field ``splat`` or ``image``, optional ``topk`` and
+``embedding=false`` for the top-k alone), and that a bad
 upload is answered on its own: LitServe fails a whole batch when one request raises, so a
 refused request is a value (:class:`~.engine.Rejected`) that only its own response turns into
 a 4xx."""
@@ -67,7 +68,11 @@ class SplatAPI(ls.LitAPI):
                 topk = int(topk)
             except ValueError:
                 return Rejected(400, f"topk must be an int, got {topk!r:.40}")
-        return self.engine.decode(fields[0], upload.file.read(), topk)
+        embedding = str(request.get("embedding", "true")).lower()
+        if embedding not in ("true", "false", "1", "0"):
+            return Rejected(400, f"embedding must be true or false, got {embedding!r:.40}")
+        data = upload.file.read()
+        return self.engine.decode(fields[0], data, topk, embedding in ("true", "1"))
 
     def batch(self, inputs):
         return list(inputs)

@@ -61,14 +61,22 @@ class Client:
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{self.host}:{self.port}/info is not a timm-splat service") from exc
 
-    def predict(self, field: str, payload: bytes, filename: str, topk: int | None = None):
+    def predict(
+        self,
+        field: str,
+        payload: bytes,
+        filename: str,
+        topk: int | None = None,
+        embedding: bool = True,
+    ):
         """POST one file; ``(status, answer dict, request bytes, round trip ms)``."""
         boundary = uuid.uuid4().hex
-        parts = []
-        if topk is not None:
-            parts.append(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="topk"\r\n\r\n{topk}\r\n'
-            )
+        fields = {"topk": topk, "embedding": None if embedding else "false"}
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            for name, value in fields.items()
+            if value is not None
+        ]
         parts.append(
             f"--{boundary}\r\nContent-Disposition: form-data; name={json.dumps(field)}; "
             f"filename={json.dumps(filename)}\r\nContent-Type: application/octet-stream\r\n\r\n"
@@ -159,6 +167,7 @@ def send(
     kind: str = "splat",
     *,
     topk: int | None = None,
+    embedding: bool = True,
     jpeg_quality: int = 90,
     **fit_options,
 ) -> Sent:
@@ -167,5 +176,7 @@ def send(
         image, info, kind, jpeg_quality=jpeg_quality, **fit_options
     )
     suffix = {"splat": ".splat", "jpeg": ".jpg", "png": ".png"}[kind]
-    status, answer, sent, round_trip = client.predict(field, payload, name + suffix, topk)
+    status, answer, sent, round_trip = client.predict(
+        field, payload, name + suffix, topk, embedding
+    )
     return Sent(name, kind, status, answer, ms, len(payload), sent, round_trip, quality)

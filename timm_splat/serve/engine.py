@@ -40,6 +40,7 @@ class Item:
     tensor: torch.Tensor
     topk: int
     decode_ms: float
+    embedding: bool = True  # False: answer the top-k alone (a few hundred bytes back)
 
 
 @dataclasses.dataclass
@@ -122,7 +123,9 @@ class Engine:
 
     # -- one request ----------------------------------------------------------------------
 
-    def decode(self, kind: str, data: bytes, topk: int | None = None) -> Item | Rejected:
+    def decode(
+        self, kind: str, data: bytes, topk: int | None = None, embedding: bool = True
+    ) -> Item | Rejected:
         """Untrusted upload bytes -> an :class:`Item`, or a :class:`Rejected` (4xx) saying what
         was wrong; never raises for bad bytes."""
         start = time.perf_counter()
@@ -150,7 +153,7 @@ class Engine:
                 return Rejected(400, f"bad image: {exc}")
         else:
             return Rejected(400, f"unknown input kind {kind!r}: send a file field {KINDS}")
-        return Item(kind, tensor, topk, (time.perf_counter() - start) * 1e3)
+        return Item(kind, tensor, topk, (time.perf_counter() - start) * 1e3, embedding)
 
     @torch.no_grad()
     def predict(self, items: list[Item]) -> list[dict]:
@@ -171,24 +174,24 @@ class Engine:
         results = []
         for item, feature, p in zip(items, features.float().cpu(), probs.cpu()):
             scores, indices = p.topk(item.topk)
-            results.append(
-                {
-                    "input": item.kind,
-                    "num_splats": int(splat_count(item.tensor)) if item.tensor.ndim == 2 else None,
-                    "embedding": [round(v, 6) for v in feature.tolist()],
-                    "topk": [
-                        {"label": self.classnames[i], "score": round(float(s), 6)}
-                        for s, i in zip(scores, indices.tolist())
-                    ],
-                    "server_ms": {
-                        "decode": round(item.decode_ms, 3),
-                        "fit": round(fit_ms, 3),
-                        "forward": round((done - forward) * 1e3, 3),
-                        "batch": round((done - start) * 1e3 + item.decode_ms, 3),
-                        "batch_size": len(items),
-                    },
-                }
-            )
+            answer = {
+                "input": item.kind,
+                "num_splats": int(splat_count(item.tensor)) if item.tensor.ndim == 2 else None,
+                "topk": [
+                    {"label": self.classnames[i], "score": round(float(s), 6)}
+                    for s, i in zip(scores, indices.tolist())
+                ],
+                "server_ms": {
+                    "decode": round(item.decode_ms, 3),
+                    "fit": round(fit_ms, 3),
+                    "forward": round((done - forward) * 1e3, 3),
+                    "batch": round((done - start) * 1e3 + item.decode_ms, 3),
+                    "batch_size": len(items),
+                },
+            }
+            if item.embedding:
+                answer["embedding"] = [round(v, 6) for v in feature.tolist()]
+            results.append(answer)
         return results
 
     def _batch(self, items: list[Item]) -> tuple[torch.Tensor, float]:
