@@ -66,7 +66,7 @@ class SplatAPI(ls.LitAPI):
         if topk is not None:
             try:
                 topk = int(topk)
-            except ValueError:
+            except (TypeError, ValueError):  # text that is no number, or a file
                 return Rejected(400, f"topk must be an int, got {topk!r:.40}")
         embedding = str(request.get("embedding", "true")).lower()
         if embedding not in ("true", "false", "1", "0"):

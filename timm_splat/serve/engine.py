@@ -60,7 +60,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig, device: str | None = None):
         from ..evaluation import load_classnames, load_templates, zero_shot_classifier
-        from ..models import load_classifier, load_clip, model_task, pixel_transform, splat_trunk
+        from ..models import load_classifier, pixel_transform, splat_trunk
         from ..transforms import SplatTransform
 
         if not isinstance(config.topk, int) or config.topk < 1:
@@ -68,13 +68,15 @@ class Engine:
         self.config = config
         self.device = torch.device(device or config.device)
         name, pretrained = config.model, config.pretrained
-        self.task = _task(name, pretrained, model_task)
+        self.task = _task(name, pretrained)
         if self.task == "classify":
+            if pretrained is None:
+                raise ValueError(f"a classifier ({name}) needs trained weights: --pretrained RUN")
             model, info = load_classifier(
                 pretrained, name, num_splats=config.num_splats, device=self.device
             )
         else:
-            model, info = _load_clip(pretrained, name, config.num_splats, self.device, load_clip)
+            model, info = _load_clip(pretrained, name, config.num_splats, self.device)
         self.model, self.info = model, info
         self.trunk = splat_trunk(model)
         if self.trunk is not None:
@@ -86,7 +88,7 @@ class Engine:
             self.pixels = pixel_transform(model)
             self.image_size = _pixel_size(model)
         if self.task == "classify":
-            self.classnames = _classifier_names(config.classes, model.num_classes, load_classnames)
+            self.classnames = _classifier_names(config.classes, model.num_classes)
             self.classifier = None
         else:
             import open_clip
@@ -205,9 +207,9 @@ class Engine:
         return pad_splats([s.cpu() for s in sets], self.num_splats).to(self.device), fit_ms
 
 
-def _task(name, pretrained, model_task) -> str:
+def _task(name, pretrained) -> str:
     """``classify`` for a timm classifier run / name, else ``clip``."""
-    from ..models import resolve_run
+    from ..models import model_task, resolve_run
 
     if name:
         return model_task(name)
@@ -223,16 +225,19 @@ def _task(name, pretrained, model_task) -> str:
     return "clip"
 
 
-def _load_clip(pretrained, name, num_splats, device, load_clip):
+def _load_clip(pretrained, name, num_splats, device):
     """A splat CLIP through the factory, or an RGB open_clip model (pixels)."""
     from ..evaluation import is_splat_config, load_rgb_clip
+    from ..models import load_clip
 
     if name and not is_splat_config(name):
         return load_rgb_clip(name, pretrained, device), {"model": name, "tokenizer": name}
     return load_clip(pretrained, name, num_splats=num_splats, device=device)
 
 
-def _classifier_names(spec, num_classes: int, load_classnames) -> list[str]:
+def _classifier_names(spec, num_classes: int) -> list[str]:
+    from ..evaluation import load_classnames
+
     if spec is None:
         return [f"class {i}" for i in range(num_classes)]
     names = load_classnames(spec)
