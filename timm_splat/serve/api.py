@@ -1,12 +1,13 @@
-"""The service on LitServe: dynamic batching (``max_batch_size`` / ``batch_timeout``), several
-inference workers per device, request timeouts (504), a payload limit (413), ``/health``
-(ready: 200 once every worker has loaded the model, 503 before), ``/live`` and ``/info``, and
-graceful shutdown on SIGTERM / Ctrl+C, all LitServe's own. What is ours: the request format
-(multipart/form-data, one file field ``splat`` or ``image``, optional ``topk`` and
-``embedding=false`` for the top-k alone), and that a bad
-upload is answered on its own: LitServe fails a whole batch when one request raises, so a
-refused request is a value (:class:`~.engine.Rejected`) that only its own response turns into
-a 4xx."""
+"""The service on LitServe, which gives dynamic batching (``max_batch_size`` /
+``batch_timeout``), several inference workers per device, request timeouts (504), ``/health``
+(200 once every worker has loaded the model, 503 before), ``/info`` and a graceful shutdown on
+Ctrl+C. What is ours: the request (multipart/form-data, one file field ``splat`` or ``image``,
+optional ``topk``, ``embedding=false`` for the top-k alone); refusals that stay alone
+(LitServe fails a whole batch when one request raises, so a refused request is a value,
+:class:`~.engine.Rejected`, that only its own response turns into a 4xx); :class:`UploadGate`
+(415 / 413 / 400 where LitServe would answer 500); ``/live``; and SIGTERM taking the graceful
+path too.
+"""
 
 from __future__ import annotations
 

@@ -153,6 +153,8 @@ class Engine:
                 tensor = (self.fit.image_transform if self.fit else self.pixels)(image)
             except ValueError as exc:
                 return Rejected(400, f"bad image: {exc}")
+            except Exception as exc:  # noqa: BLE001 (an image plugin's own error on bad bytes)
+                return Rejected(400, f"bad image: cannot decode it ({type(exc).__name__})")
         else:
             return Rejected(400, f"unknown input kind {kind!r}: send a file field {KINDS}")
         return Item(kind, tensor, topk, (time.perf_counter() - start) * 1e3, embedding)
