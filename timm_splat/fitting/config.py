@@ -189,6 +189,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Fields whose default is not the value fits had before the field existed: a pre-fitted
+# dataset whose stored settings lack one of them was fitted with the value here (data/prefit.py
+# resumes it only under that value). The colours were Adam's until color_step existed.
+VALUES_BEFORE_THEY_EXISTED: dict[str, object] = {"color_step": "adam"}
+
+
 def resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:
     """``config`` with ``overrides`` applied; FitConfig validates the result."""
     if config is None:
