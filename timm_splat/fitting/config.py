@@ -53,10 +53,12 @@ class FitConfig:
     gn_damping: float = 0.1  # Levenberg-Marquardt damping, a fraction of the blocks' diagonal
     gn_momentum: float = 0.9  # heavy-ball momentum of the Gauss-Newton steps
     # "adam" or "cg": colours by conjugate gradients with a line search per step (variable
-    # projection, docs/fitting.md rows 32-45), Adam keeping them until color_cg_start of the
-    # steps, or color_cg_start_dense where a splat has fewer than color_cg_dense_pixels of the
-    # image's pixels (at 224x224: N >= 1255), as the gain grows with the budget.
+    # projection, docs/fitting.md rows 32-46) for budgets of color_cg_min_splats or more (the
+    # gain grows with the number of splats; below ~500 there is none), Adam keeping them until
+    # color_cg_start of the steps, or color_cg_start_dense where a splat has fewer than
+    # color_cg_dense_pixels of the image's pixels (at 224x224: N >= 1255).
     color_step: str = "cg"
+    color_cg_min_splats: int = 600
     color_cg_start: float = 0.5
     color_cg_start_dense: float = 0.3
     color_cg_dense_pixels: float = 40.0
@@ -108,6 +110,7 @@ class FitConfig:
             "color_step": self.color_step in ("adam", "cg"),
             "color_cg_start": 0 <= self.color_cg_start <= 1,
             "color_cg_start_dense": 0 <= self.color_cg_start_dense <= 1,
+            "color_cg_min_splats": self.color_cg_min_splats >= 0,
             "color_cg_dense_pixels": self.color_cg_dense_pixels >= 0,
             "color_cg_render_every": self.color_cg_render_every >= 1,
             "gn_rate": self.gn_rate >= 0,
@@ -136,7 +139,11 @@ PRESETS: dict[str, dict] = {
     # Colour CG as first measured (docs/fitting.md rows 32-34): from half the steps at every
     # budget, its direction rendered on every step (1.2x adam150's CPU time).
     "cg": dict(
-        color_step="cg", color_cg_start=0.5, color_cg_start_dense=0.5, color_cg_render_every=1
+        color_step="cg",
+        color_cg_min_splats=0,
+        color_cg_start=0.5,
+        color_cg_start_dense=0.5,
+        color_cg_render_every=1,
     ),
     "adam150": dict(
         iterations=150,

@@ -288,15 +288,15 @@ class Steps:
 def make_steps(cfg: FitConfig, raw: torch.Tensor, lr: torch.Tensor, size, backend: str) -> Steps:
     """The optimisers ``cfg`` asks for over ``raw [B, n, 8]`` for images of ``size (H, W)``:
     Adam with the per-channel rates ``lr`` on every parameter that Gauss-Newton
-    (``geometry_step``) or colour CG (``color_step``, from ``color_cg_start`` or, with fewer
-    than ``color_cg_dense_pixels`` pixels per splat, ``color_cg_start_dense``) does not take
-    (``lr`` is zeroed there)."""
+    (``geometry_step``) or colour CG (``color_step``, for ``color_cg_min_splats`` or more, from
+    ``color_cg_start`` or, with fewer than ``color_cg_dense_pixels`` pixels per splat,
+    ``color_cg_start_dense``) does not take (``lr`` is zeroed there)."""
     height, width = size
     geometry = colours = None
     if cfg.geometry_step == "gauss_newton":
         lr[:5] = 0
         geometry = GaussNewton(raw, cfg.gn_rate, cfg.gn_damping, cfg.gn_momentum, height, width)
-    if cfg.color_step == "cg":
+    if cfg.color_step == "cg" and cfg.num_splats >= cfg.color_cg_min_splats:
         colours = ColourCG(height, width, backend, cfg.color_cg_render_every)
     dense = height * width < cfg.color_cg_dense_pixels * cfg.num_splats
     start = int((cfg.color_cg_start_dense if dense else cfg.color_cg_start) * cfg.iterations)
