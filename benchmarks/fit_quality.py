@@ -8,7 +8,8 @@ same run. The numbers docs/fitting.md quotes.
     python benchmarks/fit_quality.py [--budgets 400 900 1600 3136] [--sets tune heldout]
                                      [--random-init] [--repeats 1]
 
-While the default is still ``adam150`` (today), it is fitted once and both goals read that row.
+The default has been colour CG since issue 20, so it is its own row; were it ``adam150`` again,
+that row would be fitted once and both goals would read it.
 """
 
 import argparse

@@ -714,27 +714,28 @@ def test_hub_cache_links_into_its_blobs_are_followed(baseline, tmp_path, monkeyp
 
 
 def test_fit_options_added_later_at_their_defaults_still_resume(tmp_path):
-    """A dataset pre-fitted before a FitConfig field existed resumes when the field is at its
-    default (the same fit); a non-default value is still refused."""
+    """A dataset pre-fitted before a FitConfig field existed resumes when the field is at the
+    value those fits had (its default, or the one it replaced, e.g. color_step's Adam colours
+    before colour CG became the default); another value is refused."""
     from timm_splat.data import MNIST, prefit
 
     prefit(MNIST, tmp_path, split="test", num_splats=4, image_size=28, limit=4, progress=False)
     settings = tmp_path / ".prefit" / "settings.json"
     stored = json.loads(settings.read_text())
-    del stored["fit"]["color_step"]  # as written before the field existed
+    del stored["fit"]["color_cg_render_every"]  # as written before the field existed
     settings.write_text(json.dumps(stored))
     stats = prefit(
         MNIST, tmp_path, split="test", num_splats=4, image_size=28, limit=6, progress=False
     )
     assert stats["rows"] == 6
+    options = dict(split="test", num_splats=4, image_size=28, progress=False)
     with pytest.raises(Exception, match="other settings"):
-        prefit(
-            MNIST,
-            tmp_path,
-            split="test",
-            num_splats=4,
-            image_size=28,
-            limit=8,
-            progress=False,
-            color_step="cg",
-        )
+        prefit(MNIST, tmp_path, limit=8, color_cg_render_every=1, **options)
+    # Before color_step existed the colours were Adam's: the new default (colour CG) must not
+    # resume such a dataset, Adam does.
+    del stored["fit"]["color_step"]
+    settings.write_text(json.dumps(stored))
+    with pytest.raises(Exception, match="other settings") as refused:
+        prefit(MNIST, tmp_path, limit=8, **options)
+    assert "'color_step': 'adam'" in str(refused.value)
+    assert prefit(MNIST, tmp_path, limit=8, color_step="adam", **options)["rows"] == 8

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..fitting import FitConfig, fit_splats, resolve_config
+from ..fitting.config import VALUES_BEFORE_THEY_EXISTED
 from ..splats import DEFAULT_NUM_SPLATS, splat_count
 from ..transforms import SplatTransform
 from .card import write_card
@@ -88,8 +89,9 @@ def _check_settings(out: Path, split: str, settings: dict, run: dict) -> None:
     if path.exists():
         stored = read_state_json(path)
         if isinstance(stored.get("fit"), dict):
-            # Fit options added since the shards were written, at their defaults, fit the same.
-            defaults = dataclasses.asdict(FitConfig())
+            # Fit options added since the shards were written fitted as their defaults do, or
+            # as the value they replaced (a default that changed the fit when it came).
+            defaults = {**dataclasses.asdict(FitConfig()), **VALUES_BEFORE_THEY_EXISTED}
             new = set(settings.get("fit", {})) - set(stored["fit"])
             stored["fit"] = {**{k: defaults[k] for k in new if k in defaults}, **stored["fit"]}
         diffs = _diffs(stored, settings)

@@ -13,8 +13,10 @@ from ..splats import DEFAULT_NUM_SPLATS
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Every knob of the fitter. The defaults are the algorithm of docs/fitting.md (adaptive
-    placement, colour solves, relocation of dim splats to the largest errors, 150 Adam steps);
-    ``FitConfig.preset("paper")`` is the paper's pipeline as first implemented here."""
+    placement, colour solves, relocation of dim splats to the largest errors, 150 Adam steps,
+    the colours taken over by conjugate gradients for the second half or so);
+    ``FitConfig.preset("paper")`` is the paper's pipeline as first implemented here and
+    ``FitConfig.preset("adam150")`` the default before colour CG (issue 11's)."""
 
     num_splats: int = DEFAULT_NUM_SPLATS
     iterations: int = 150
@@ -50,10 +52,19 @@ class FitConfig:
     gn_rate: float = 0.5  # Gauss-Newton step scale (cosine-decayed like the Adam rates)
     gn_damping: float = 0.1  # Levenberg-Marquardt damping, a fraction of the blocks' diagonal
     gn_momentum: float = 0.9  # heavy-ball momentum of the Gauss-Newton steps
-    # "adam" or "cg": colours by conjugate gradients with an exact line search per step
-    # (variable projection; one more render per step; docs/fitting.md rows 32-34).
-    color_step: str = "adam"
-    color_cg_start: float = 0.0  # color_step="cg": Adam keeps the colours until this fraction
+    # "adam" or "cg": colours by conjugate gradients with a line search per step (variable
+    # projection, docs/fitting.md rows 32-46) for budgets of color_cg_min_splats or more (the
+    # gain grows with the number of splats; below ~500 there is none), Adam keeping them until
+    # color_cg_start of the steps, or color_cg_start_dense where a splat has fewer than
+    # color_cg_dense_pixels of the image's pixels (at 224x224: N >= 1255).
+    color_step: str = "cg"
+    color_cg_min_splats: int = 600
+    color_cg_start: float = 0.5
+    color_cg_start_dense: float = 0.3
+    color_cg_dense_pixels: float = 40.0
+    # Render the CG direction for its exact step length every this many CG steps; in between,
+    # its closed-form diagonal times the overlap ratio last measured (1: render every step).
+    color_cg_render_every: int = 16
     batch_size: int = 64  # images fitted per batch (memory grows linearly with it)
     max_size: int = 1024  # longer side larger images are fitted at (splats are resolution-free)
     seed: int = 0
@@ -98,6 +109,10 @@ class FitConfig:
             "geometry_step": self.geometry_step in ("adam", "gauss_newton"),
             "color_step": self.color_step in ("adam", "cg"),
             "color_cg_start": 0 <= self.color_cg_start <= 1,
+            "color_cg_start_dense": 0 <= self.color_cg_start_dense <= 1,
+            "color_cg_min_splats": self.color_cg_min_splats >= 0,
+            "color_cg_dense_pixels": self.color_cg_dense_pixels >= 0,
+            "color_cg_render_every": self.color_cg_render_every >= 1,
             "gn_rate": self.gn_rate >= 0,
             "gn_damping": self.gn_damping >= 0,
             "gn_momentum": 0 <= self.gn_momentum < 1,
@@ -121,10 +136,15 @@ class FitConfig:
 # when the default changes: the reference of issue 20's comparisons.
 PRESETS: dict[str, dict] = {
     "default": {},
-    # Colours by conjugate gradients over the second half of the fit (docs/fitting.md, issue 20):
-    # +1.2 / +2.6 dB held-out at N=1600 / 3136 for 1.2x the CPU time, +0.1 at N=400;
-    # with iterations=120, the same CPU time as the default: +0.77 / +1.91 dB, -0.39 at N=400.
-    "cg": dict(color_step="cg", color_cg_start=0.5),
+    # Colour CG as first measured (docs/fitting.md rows 32-34): from half the steps at every
+    # budget, its direction rendered on every step (1.2x adam150's CPU time).
+    "cg": dict(
+        color_step="cg",
+        color_cg_min_splats=0,
+        color_cg_start=0.5,
+        color_cg_start_dense=0.5,
+        color_cg_render_every=1,
+    ),
     "adam150": dict(
         iterations=150,
         init="adaptive",
@@ -171,8 +191,15 @@ PRESETS: dict[str, dict] = {
         lr_final=0.02,
         adam_beta2=0.999,
         l1_color=1e-6,
+        color_step="adam",
     ),
 }
+
+
+# Fields whose default is not the value fits had before the field existed: a pre-fitted
+# dataset whose stored settings lack one of them was fitted with the value here (data/prefit.py
+# resumes it only under that value). The colours were Adam's until color_step existed.
+VALUES_BEFORE_THEY_EXISTED: dict[str, object] = {"color_step": "adam"}
 
 
 def resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:

@@ -199,22 +199,30 @@ class GaussNewton:
 class ColourCG:
     """Colour steps by nonlinear conjugate gradients on the squared error
     (``FitConfig.color_step="cg"``, a form of variable projection): the render is linear in the
-    colours, so along a direction p the exact minimiser for the current geometry costs one
-    render of p; the directions are Jacobi-preconditioned (closed-form diagonal, as in
+    colours, so along a direction p the exact minimiser for the current geometry is
+    ``-g.p / |A p|^2``; the directions are Jacobi-preconditioned (closed-form diagonal D, as in
     :func:`solve_colors`) and conjugated across steps (Fletcher-Reeves) while the geometry moves
     under them. Restarts after pruning and relocation. The L1 colour penalty is left out
-    (``l1_color`` is tiny next to the squared error). Takes the colours over from Adam."""
+    (``l1_color`` is tiny next to the squared error). Takes the colours over from Adam.
 
-    def __init__(self, height: int, width: int, backend: str):
+    ``|A p|^2`` costs a render of p. It is rendered every ``render_every`` steps (and after a
+    restart); in between it is estimated as ``kappa * p^T D p``, with kappa, the ratio of the
+    two at the last render, per image and channel: how much the splats' overlaps add to the
+    diagonal, which changes slowly from one direction to the next (docs/fitting.md row 43)."""
+
+    def __init__(self, height: int, width: int, backend: str, render_every: int = 1):
         self.height, self.width, self.backend = height, width, backend
-        self.direction = self.gy = None
+        self.render_every = render_every
+        self.direction = self.gy = self.kappa = None
+        self.count = 0  # steps since the last restart
 
     def step(self, param: torch.Tensor, splats: torch.Tensor, vjp: torch.Tensor, live):
         """``splats``: the rendered splats of this step; ``vjp``: the render's VJP of their
         residual (render - target), ``[B, n, 8]``; updates ``param``'s colours in place."""
         g = vjp[..., 5:] * live  # gradient of half the squared error
         area = math.pi * self.height * self.width * splats[..., 2] * splats[..., 4]
-        y = g / area.clamp_min(1e-6).unsqueeze(-1)
+        area = area.clamp_min(1e-6).unsqueeze(-1)  # D, the diagonal of A^T A
+        y = g / area
         gy = total(g * y)  # [B, 3]: one problem per image and channel
         if self.direction is None:
             self.direction = -y
@@ -222,17 +230,27 @@ class ColourCG:
             self.direction = -y + (gy / self.gy.clamp_min(1e-20)).unsqueeze(1) * self.direction
         self.gy = gy
         p = self.direction * live
-        ap = ops.render(torch.cat([splats[..., :5], p], -1), self.height, self.width, self.backend)
+        diagonal = total(p.square() * area)  # p^T D p
+        if self.count % self.render_every == 0:
+            ap = ops.render(
+                torch.cat([splats[..., :5], p], -1), self.height, self.width, self.backend
+            )
+            curvature = total(ap.flatten(2).square(), 2)
+            self.kappa = curvature / diagonal.clamp_min(1e-30)
+        else:
+            curvature = self.kappa * diagonal
+        self.count += 1
         slope = total(g * p)
-        alpha = -slope / total(ap.flatten(2).square(), 2).clamp_min(1e-20)
+        alpha = -slope / curvature.clamp_min(1e-20)
         descent = (slope < 0).unsqueeze(1)  # else no step for that image and channel
         param[..., 5:] += torch.where(descent, alpha.unsqueeze(1) * p, torch.zeros_like(p))
 
     def gather(self, index: torch.Tensor):
-        self.direction = self.gy = None
+        self.direction = self.gy = self.kappa = None
+        self.count = 0
 
     def reset(self, index: torch.Tensor):
-        self.direction = self.gy = None
+        self.gather(index)
 
 
 class Steps:
@@ -270,14 +288,16 @@ class Steps:
 def make_steps(cfg: FitConfig, raw: torch.Tensor, lr: torch.Tensor, size, backend: str) -> Steps:
     """The optimisers ``cfg`` asks for over ``raw [B, n, 8]`` for images of ``size (H, W)``:
     Adam with the per-channel rates ``lr`` on every parameter that Gauss-Newton
-    (``geometry_step``) or colour CG (``color_step``, from ``color_cg_start``) does not take
-    (``lr`` is zeroed there)."""
+    (``geometry_step``) or colour CG (``color_step``, for ``color_cg_min_splats`` or more, from
+    ``color_cg_start`` or, with fewer than ``color_cg_dense_pixels`` pixels per splat,
+    ``color_cg_start_dense``) does not take (``lr`` is zeroed there)."""
     height, width = size
     geometry = colours = None
     if cfg.geometry_step == "gauss_newton":
         lr[:5] = 0
         geometry = GaussNewton(raw, cfg.gn_rate, cfg.gn_damping, cfg.gn_momentum, height, width)
-    if cfg.color_step == "cg":
-        colours = ColourCG(height, width, backend)
-    start = int(cfg.color_cg_start * cfg.iterations)
+    if cfg.color_step == "cg" and cfg.num_splats >= cfg.color_cg_min_splats:
+        colours = ColourCG(height, width, backend, cfg.color_cg_render_every)
+    dense = height * width < cfg.color_cg_dense_pixels * cfg.num_splats
+    start = int((cfg.color_cg_start_dense if dense else cfg.color_cg_start) * cfg.iterations)
     return Steps(Adam(raw, lr, betas=(0.9, cfg.adam_beta2)), geometry, colours, start)
