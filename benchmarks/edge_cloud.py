@@ -106,11 +106,11 @@ def info_for(budget: int) -> dict:
 
 
 def jpeg_at(pixels: torch.Tensor, target_db: float) -> tuple[bytes, int, float]:
-    """The smallest-quality JPEG of ``pixels`` whose PSNR reaches ``target_db`` (else q=95)."""
+    """The smallest-quality JPEG of ``pixels`` whose PSNR reaches ``target_db`` (else q=100)."""
     array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(array)
     best = None
-    for quality in range(1, 96):
+    for quality in range(1, 101):
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=quality)
         decoded = to_rgb_tensors(Image.open(io.BytesIO(buffer.getvalue())))[0]
