@@ -27,7 +27,6 @@ Weights are random (nothing downloads): the cost of a forward does not depend on
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -43,12 +42,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from timm_splat.fitting import psnr
-from timm_splat.images import to_rgb_tensors
 from timm_splat.samples import HELDOUT_PHOTOS, sample_photos
-from timm_splat.serve.client import Client, prepare
+from timm_splat.serve.client import Client, image_bytes, image_psnr, prepare
 
 SIZE = 224
 RAW_BYTES = SIZE * SIZE * 3
@@ -107,18 +103,12 @@ def info_for(budget: int) -> dict:
 
 def jpeg_at(pixels: torch.Tensor, target_db: float) -> tuple[bytes, int, float]:
     """The smallest-quality JPEG of ``pixels`` whose PSNR reaches ``target_db`` (else q=100)."""
-    array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(array)
-    best = None
     for quality in range(1, 101):
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=quality)
-        decoded = to_rgb_tensors(Image.open(io.BytesIO(buffer.getvalue())))[0]
-        db = float(psnr(decoded[None], pixels[None].clamp(0, 1))[0])
-        best = (buffer.getvalue(), quality, db)
+        payload = image_bytes(pixels, "JPEG", quality)
+        db = image_psnr(payload, pixels)
         if db >= target_db:
             break
-    return best
+    return payload, quality, db
 
 
 def timed_jpeg(pixels: torch.Tensor, quality: int, repeats: int = 5) -> float:
@@ -126,8 +116,7 @@ def timed_jpeg(pixels: torch.Tensor, quality: int, repeats: int = 5) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(array).save(io.BytesIO(), "JPEG", quality=quality)
+        image_bytes(pixels, "JPEG", quality)
         best = min(best, (time.perf_counter() - start) * 1e3)
     return best
 
@@ -330,50 +319,26 @@ def run(args) -> dict:
     photos = dict(list(sample_photos(SIZE, HELDOUT_PHOTOS).items())[: args.photos])
     payloads = client_side(photos, args.budgets)
     ways = []
+
+    def measure(name: str, kind: str, url: str, budget: int) -> None:
+        rows, field = payloads[budget], "splat" if kind == "splat" else "jpeg"
+        requests = [("splat" if kind == "splat" else "image", r[field]) for r in rows]
+        prepare_ms = [r[f"{field}_ms"] for r in rows]
+        row = measure_way(name, url, requests, prepare_ms, args.rates, shaping, args)
+        ways.append({**row, "budget": budget, "kind": kind})
+
     rgb = Server(args.rgb_model, None, args.server_threads, out / "server-rgb.log")
     try:
         for budget in args.budgets:
-            rows = payloads[budget]
-            jpegs = [("image", r["jpeg"]) for r in rows]
-            prepare_ms = [r["jpeg_ms"] for r in rows]
-            row = measure_way(
-                f"JPEG@{budget} -> {args.rgb_model} (pixels)",
-                rgb.url,
-                jpegs,
-                prepare_ms,
-                args.rates,
-                shaping,
-                args,
-            )
-            ways.append({**row, "budget": budget, "kind": "jpeg-rgb"})
+            measure(f"JPEG@{budget} -> {args.rgb_model} (pixels)", "jpeg-rgb", rgb.url, budget)
     finally:
         rgb.stop()
     for budget in args.budgets:
-        rows = payloads[budget]
         server = Server(args.model, budget, args.server_threads, out / f"server-{budget}.log")
         try:
-            splats = [("splat", r["splat"]) for r in rows]
-            row = measure_way(
-                f"splats N={budget} -> {args.model}",
-                server.url,
-                splats,
-                [r["splat_ms"] for r in rows],
-                args.rates,
-                shaping,
-                args,
-            )
-            ways.append({**row, "budget": budget, "kind": "splat"})
-            jpegs = [("image", r["jpeg"]) for r in rows]
-            row = measure_way(
-                f"JPEG@{budget} -> {args.model} (fits on the server)",
-                server.url,
-                jpegs,
-                [r["jpeg_ms"] for r in rows],
-                args.rates,
-                shaping,
-                args,
-            )
-            ways.append({**row, "budget": budget, "kind": "jpeg-fit"})
+            measure(f"splats N={budget} -> {args.model}", "splat", server.url, budget)
+            name = f"JPEG@{budget} -> {args.model} (fits on the server)"
+            measure(name, "jpeg-fit", server.url, budget)
         finally:
             server.stop()
     for rows in payloads.values():  # bytes to sizes for the JSON

@@ -113,7 +113,7 @@ def test_rgb_and_classifier_engines(tmp_path, photo):
     answer = rgb.predict([rgb.decode("image", photo)])[0]
     assert answer["input"] == "image" and answer["num_splats"] is None
     model = timm.create_model("splat_vit_test", num_classes=3)
-    save_for_hf(model, tmp_path / "cls")
+    save_for_hf(model, tmp_path / "cls", safe_serialization=True)
     classifier = Engine(EngineConfig(pretrained=str(tmp_path / "cls"), classes=CLASSES))
     assert classifier.task == "classify"
     answer = classifier.predict([classifier.decode("splat", _splat_bytes())])[0]

@@ -374,7 +374,7 @@ def is_splat_config(name: str) -> bool:
     return str(config.get("vision_cfg", {}).get("timm_model_name", "")).startswith("splat_vit")
 
 
-def _local_run(pretrained: str | None):
+def local_run(pretrained: str | None):
     """(weights file, run.json or {}) of a local run dir / weights file, else None (a tag, an
     ``hf-hub:`` id, or nothing)."""
     from .models import resolve_run
@@ -392,7 +392,7 @@ def load_rgb_clip(name: str, pretrained: str | None, device) -> torch.nn.Module:
     from .models import register_open_clip_configs
 
     register_open_clip_configs()
-    local = _local_run(pretrained)
+    local = local_run(pretrained)
     weights = str(local[0]) if local else pretrained
     return open_clip.create_model(name, pretrained=weights, device=device).eval()
 
@@ -410,9 +410,9 @@ def evaluate(config: EvalConfig) -> dict:
     if config.pretrained is None:
         print("no --pretrained: evaluating random weights (a smoke test)", file=sys.stderr)
     images = config.images or is_image_source(config.data)
-    local = None if config.model else _local_run(config.pretrained)
+    local = None if config.model else local_run(config.pretrained)
     name = config.model or (local[1].get("model") if local else None)
-    if _task(config, local, name) == "classify":
+    if task_of(local, name, config.task) == "classify":
         return evaluate_top1(config, images)
     if name and not is_splat_config(name):  # an RGB CLIP: pixels, or rendered splats
         model = load_rgb_clip(name, config.pretrained, device)
@@ -477,11 +477,13 @@ def _loader(config: EvalConfig, transform, images: bool):
     )
 
 
-def _task(config: EvalConfig, local, name) -> str:
+def task_of(local, name: str | None, task: str | None = None) -> str:
+    """``clip`` or ``classify``: ``task`` if given, else what the run recorded, else a saved
+    timm folder's (classify), else the model name's; ``local`` is :func:`local_run`'s."""
     from .models import model_task
 
-    if config.task:
-        return config.task
+    if task:
+        return task
     recorded = local[1].get("task") if local else None
     if recorded in ("clip", "classify"):
         return recorded

@@ -5,8 +5,6 @@ Stop it with Ctrl+C or SIGTERM (in-flight requests finish)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def add_arguments(parser) -> None:
     parser.add_argument(
@@ -84,9 +82,6 @@ def run(args) -> int:
 
     if args.pretrained is None and args.model is None:
         raise ValueError("say what to serve: --pretrained RUN (or --model NAME, random weights)")
-    if args.pretrained and not args.pretrained.startswith("hf-hub:"):
-        if not Path(args.pretrained).exists():
-            raise ValueError(f"--pretrained {args.pretrained}: no such file or directory")
     for flag in ("workers", "api_servers", "max_batch_size", "max_request_bytes", "topk"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.timeout, "--timeout", (int, float))

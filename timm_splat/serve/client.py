@@ -121,7 +121,7 @@ def prepare(image, info: dict, kind: str = "splat", *, jpeg_quality: int = 90, *
     """``(payload bytes, field, ms, psnr)`` for one image, as the server's ``/info`` asks:
     resized and cropped like the server's model reads it, then fitted and encoded (``splat``)
     or encoded as an image (``jpeg`` / ``png``)."""
-    from ..fitting import fit_splats, psnr
+    from ..fitting import fit_splats
     from ..transforms import SplatTransform
 
     if kind not in KINDS:
@@ -145,18 +145,30 @@ def prepare(image, info: dict, kind: str = "splat", *, jpeg_quality: int = 90, *
         result = fit_splats([pixels], transform.fit_config, progress=False)
         payload = encode(result.splats[0], size=(height, width))
         return payload, "splat", (time.perf_counter() - start) * 1e3, float(result.psnr[0])
+    payload = image_bytes(pixels, kind.upper(), jpeg_quality)
+    ms = (time.perf_counter() - start) * 1e3
+    return payload, "image", ms, image_psnr(payload, pixels)
+
+
+def image_bytes(pixels, format: str = "JPEG", quality: int = 90) -> bytes:
+    """Pixels ``[3, H, W]`` in [0, 1] as an encoded image (``JPEG`` at ``quality``, or PNG)."""
     from PIL import Image
 
     array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
-    if kind == "jpeg":
-        Image.fromarray(array).save(buffer, "JPEG", quality=int(jpeg_quality))
-    else:
-        Image.fromarray(array).save(buffer, "PNG")
-    payload = buffer.getvalue()
-    ms = (time.perf_counter() - start) * 1e3
+    options = {"quality": int(quality)} if format == "JPEG" else {}
+    Image.fromarray(array).save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def image_psnr(payload: bytes, pixels) -> float:
+    """PSNR of the decoded ``payload`` against the pixels it was encoded from."""
+    from PIL import Image
+
+    from ..fitting import psnr
+
     decoded = to_rgb_tensors(Image.open(io.BytesIO(payload)))[0]
-    return payload, "image", ms, float(psnr(decoded[None], pixels[None].clamp(0, 1))[0])
+    return float(psnr(decoded[None], pixels[None].clamp(0, 1))[0])
 
 
 def send(

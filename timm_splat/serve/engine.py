@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +58,14 @@ class Engine:
     """A loaded model and its class embeddings / head; :meth:`decode` then :meth:`predict`."""
 
     def __init__(self, config: EngineConfig, device: str | None = None):
-        from ..evaluation import load_classnames, load_templates, zero_shot_classifier
-        from ..models import load_classifier, pixel_transform, splat_trunk
+        from ..evaluation import (
+            load_classnames,
+            load_templates,
+            local_run,
+            task_of,
+            zero_shot_classifier,
+        )
+        from ..models import load_classifier, pixel_config, pixel_transform, splat_trunk
         from ..transforms import SplatTransform
 
         if not isinstance(config.topk, int) or config.topk < 1:
@@ -68,7 +73,8 @@ class Engine:
         self.config = config
         self.device = torch.device(device or config.device)
         name, pretrained = config.model, config.pretrained
-        self.task = _task(name, pretrained)
+        local = local_run(pretrained)
+        self.task = task_of(local, name or (local[1].get("model") if local else None))
         if self.task == "classify":
             if pretrained is None:
                 raise ValueError(f"a classifier ({name}) needs trained weights: --pretrained RUN")
@@ -86,7 +92,7 @@ class Engine:
         else:
             self.num_splats, self.fit = None, None
             self.pixels = pixel_transform(model)
-            self.image_size = _pixel_size(model)
+            self.image_size = tuple(pixel_config(model)[0])
         if self.task == "classify":
             self.classnames = _classifier_names(config.classes, model.num_classes)
             self.classifier = None
@@ -99,6 +105,7 @@ class Engine:
             self.classifier = zero_shot_classifier(
                 model, tokenizer, self.classnames, templates, self.device
             )
+        self.default_topk = min(config.topk, len(self.classnames))
 
     # -- what a client may ask ------------------------------------------------------------
 
@@ -120,7 +127,7 @@ class Engine:
                 "crop_mode": self.fit.crop_mode,
             },
             "num_classes": len(self.classnames),
-            "topk": min(self.config.topk, len(self.classnames)),
+            "topk": self.default_topk,
         }
 
     # -- one request ----------------------------------------------------------------------
@@ -131,7 +138,7 @@ class Engine:
         """Untrusted upload bytes -> an :class:`Item`, or a :class:`Rejected` (4xx) saying what
         was wrong; never raises for bad bytes."""
         start = time.perf_counter()
-        topk = min(self.config.topk, len(self.classnames)) if topk is None else topk
+        topk = self.default_topk if topk is None else topk
         if not isinstance(topk, int) or not 1 <= topk <= len(self.classnames):
             return Rejected(400, f"topk must be an int in [1, {len(self.classnames)}]")
         if kind == "splat":
@@ -209,24 +216,6 @@ class Engine:
         return pad_splats([s.cpu() for s in sets], self.num_splats).to(self.device), fit_ms
 
 
-def _task(name, pretrained) -> str:
-    """``classify`` for a timm classifier run / name, else ``clip``."""
-    from ..models import model_task, resolve_run
-
-    if name:
-        return model_task(name)
-    if pretrained and not str(pretrained).startswith("hf-hub:") and Path(pretrained).exists():
-        local = Path(pretrained)
-        if (local / "config.json").is_file():
-            return "classify"  # a saved timm folder
-        _, run = resolve_run(local)
-        if run.get("task") in ("clip", "classify"):
-            return run["task"]
-        if run.get("model"):
-            return model_task(run["model"])
-    return "clip"
-
-
 def _load_clip(pretrained, name, num_splats, device):
     """A splat CLIP through the factory, or an RGB open_clip model (pixels)."""
     from ..evaluation import is_splat_config, load_rgb_clip
@@ -246,12 +235,6 @@ def _classifier_names(spec, num_classes: int) -> list[str]:
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a classifier of {num_classes} classes")
     return names
-
-
-def _pixel_size(model) -> tuple[int, int]:
-    from ..models import pixel_config
-
-    return tuple(pixel_config(model)[0])
 
 
 def _open_image(data: bytes, max_pixels: int):
