@@ -436,3 +436,76 @@ def test_small_budgets_keep_adam_on_the_colours(astronaut_64):
     assert torch.equal(default.splats, adam.splats)
     engaged = fit_splats(small, num_splats=40, iterations=30, color_cg_min_splats=40)
     assert not torch.equal(engaged.splats, adam.splats)
+
+
+@pytest.mark.parametrize("height, width, every", [(32, 24, 2), (33, 20, 2), (31, 17, 3)])
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_a_row_view_renders_the_image_rows_it_stands_for(height, width, every, backend):
+    """Every phase's view renders exactly rows phase, phase + every, ... of the full render,
+    odd heights included, and its pull-back is the chain rule through the view's map."""
+    from timm_splat.fitting.views import row_views
+
+    g = torch.Generator().manual_seed(height)
+    splats = torch.rand(2, 30, 8, generator=g, dtype=torch.float64)
+    splats[..., 2:5] = splats[..., 2:5] * torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64)
+    splats[..., 2] += 0.02
+    splats[..., 3] -= 0.05
+    splats[..., 4] += 0.02
+    targets = torch.rand(2, 3, height, width, generator=g, dtype=torch.float64)
+    full = ops.render(splats, height, width, backend)
+    views = row_views(targets, every)
+    assert [v.height for v in views] == [len(range(p, height, every)) for p in range(every)]
+    for phase, view in enumerate(views):
+        rows = ops.render(view.splats(splats), view.height, width, backend)
+        torch.testing.assert_close(rows, full[..., phase::every, :], rtol=0, atol=1e-12)
+        assert torch.equal(view.target, targets[..., phase::every, :])
+        leaf = splats.clone().requires_grad_(True)
+        upstream = torch.rand(2, 30, 8, generator=g, dtype=torch.float64)
+        (expected,) = torch.autograd.grad(view.splats(leaf), leaf, upstream)
+        torch.testing.assert_close(view.pull_back(upstream), expected)
+    assert len(row_views(targets[..., : 2 * every - 1, :], every)) == 1  # too few rows: no views
+
+
+def test_raw_gradient_is_autograds_bit_for_bit():
+    from timm_splat.fitting.parameters import raw_gradient
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(2, 7, 8, generator=g)
+    live = (torch.rand(2, 7, 1, generator=g) > 0.3).float()
+    upstream = torch.randn(2, 7, 8, generator=g)
+    leaf = raw.clone().requires_grad_(True)
+    current = raw_to_splats(leaf) * live
+    (expected,) = torch.autograd.grad(current, leaf, upstream)
+    assert torch.equal(raw_gradient(upstream, current.detach(), live), expected)
+
+
+def test_subsampled_steps_fit_deterministically_and_batch_invariantly(astronaut_64):
+    """Steps that render every second row (rotating) until ``subsample_end`` of the steps:
+    deterministic, an image's fit independent of its batch, as good as full steps on this
+    image, and cheaper in rendered pixels; relocation steps render every row."""
+    from timm_splat.fitting.schedules import subsampled_steps
+
+    small = astronaut_64.resize((48, 48))
+    images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    options = dict(num_splats=60, iterations=40, subsample=2)
+    rows = []
+    render = ops.render
+
+    def counting(splats, height, width, *args, **kwargs):
+        rows.append(height)
+        return render(splats, height, width, *args, **kwargs)
+
+    a = fit_splats(images, **options)
+    assert torch.equal(a.splats, fit_splats(images, **options).splats)
+    assert torch.equal(fit_splats(images[1], **options).splats[0], a.splats[1])
+    full = fit_splats(images, num_splats=60, iterations=40)
+    assert not torch.equal(a.splats, full.splats)
+    assert (a.psnr > full.psnr - 0.5).all()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "render", counting)
+        fit_splats(images, **options)
+    cfg = FitConfig(**options)
+    moves = {0, 10}  # relocate_every 10 until half of 40 steps
+    assert subsampled_steps(cfg, moves) == set(range(24)) - moves
+    assert rows.count(24) == 22  # the 22 subsampled steps, every row of 48 in two phases
+    assert subsampled_steps(FitConfig(**{**options, "subsample": 1}), moves) == set()

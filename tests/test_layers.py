@@ -31,6 +31,7 @@ LAYERS = [
 FITTING_STAGES = [
     "config",
     "sampling",
+    "views",
     "parameters",
     "initial",
     "solvers",

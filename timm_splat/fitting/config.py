@@ -36,6 +36,11 @@ class FitConfig:
     # Steps through the .splat codec's quantiser at its default grids (codec_refine): the
     # splats decode(encode(...)) returns are what is optimised; 0: none (float splats).
     codec_steps: int = 0
+    # Steps before subsample_end of the iterations (but for the relocations') render every
+    # subsample-th row, the phase rotating from step to step (views.py): about half the cost of
+    # a step at 2, so more steps for the same time (docs/fitting.md row 48); 1: every row.
+    subsample: int = 1
+    subsample_end: float = 0.6
     prune_start: float = 0.1  # prune events run between these fractions of the iterations
     prune_end: float = 0.6
     prune_every: int = 50
@@ -95,6 +100,8 @@ class FitConfig:
             "relocate_solve": self.relocate_solve >= 0,
             "final_solve": self.final_solve >= 0,
             "codec_steps": self.codec_steps >= 0,
+            "subsample": self.subsample >= 1,
+            "subsample_end": 0 <= self.subsample_end <= 1,
             "prune_start": 0.0 <= self.prune_start <= self.prune_end <= 1.0,
             "prune_every": self.prune_every >= 1,
             "prune_threshold": self.prune_threshold >= 0,

@@ -22,10 +22,11 @@ from ..images import to_rgb_batch, to_rgb_tensors
 from ..splats import SPLAT_CHANNELS, pack_real_first
 from .config import FitConfig, resolve_config
 from .initial import initial_state
-from .parameters import learning_rates, raw_to_splats, splats_to_raw
-from .schedules import lr_scale, prune_schedule, relocation_steps
+from .parameters import learning_rates, raw_gradient, raw_to_splats, splats_to_raw
+from .schedules import lr_scale, prune_schedule, relocation_steps, subsampled_steps
 from .solvers import make_steps, solve_colors
 from .topology import prune, relocate_dimmest
+from .views import row_views
 
 
 class FitResult(NamedTuple):
@@ -50,21 +51,29 @@ def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     steps = make_steps(cfg, raw, lr, (height, width), backend)
     schedule = prune_schedule(raw.shape[1], cfg)
     moves = relocation_steps(cfg)
-    pixels = targets[0].numel()
+    views = row_views(targets, cfg.subsample)
+    subsampled = subsampled_steps(cfg, moves) if len(views) > 1 else set()
+    seen = 0  # subsampled steps so far: the phase rotates over them
     for step in range(cfg.iterations):
-        param = raw.detach().requires_grad_(True)
-        current = raw_to_splats(param) * live
+        current = raw_to_splats(raw) * live
         # Loss: mean squared error per image + l1_color * |colour|. Its gradient is written out
         # so that the only image-sized tensor is the residual (on a GPU the loss's autograd
-        # intermediates cost as much as the render itself).
-        fixed = current.detach()
-        residual = ops.render(fixed, height, width, backend).sub_(targets)
+        # intermediates cost as much as the render itself). A subsampled step renders one row
+        # view (views.py): its rows' error stands in for the image's.
+        rendered, target, view_height, view = current, targets, height, None
+        if step in subsampled:
+            view, seen = views[seen % len(views)], seen + 1
+            rendered, target, view_height = view.splats(rendered), view.target, view.height
+        residual = ops.render(rendered, view_height, width, backend).sub_(target)
         # The render's VJP is linear: scale the small [B, n, 8] result, not the residual.
-        vjp = ops.render_vjp(fixed, residual, height, width, backend)
+        vjp = ops.render_vjp(rendered, residual, view_height, width, backend)
+        pixels = target[0].numel()
         grad_current = vjp * (2 / pixels)
-        grad_current[..., 5:] += cfg.l1_color * fixed[..., 5:].sign()
-        (grad,) = torch.autograd.grad(current, param, grad_current)
-        steps.step(raw, grad, lr_scale(step, cfg), live, fixed, vjp)
+        if view is not None:
+            grad_current = view.pull_back(grad_current)
+        grad_current[..., 5:] += cfg.l1_color * rendered[..., 5:].sign()
+        grad = raw_gradient(grad_current, current, live)
+        steps.step(raw, grad, lr_scale(step, cfg), live, rendered, vjp, view_height)
         if callback is not None:
             mse = torch.linalg.vector_norm(residual.flatten(1), dim=1).square() / pixels
             callback(step, indices, -10 * torch.log10(mse.clamp_min(1e-12)))

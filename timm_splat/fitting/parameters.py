@@ -36,6 +36,16 @@ def splats_to_raw(splats: torch.Tensor) -> torch.Tensor:
     )
 
 
+def raw_gradient(grad: torch.Tensor, current: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The gradient with respect to the optimised parameters, given ``grad`` with respect to
+    ``current = raw_to_splats(raw) * live`` (``live`` 0 or 1): the chain rule written out, as
+    autograd would compute it (d exp(t) / dt = exp(t) for the log scales), bit for bit."""
+    out = grad * live
+    out[..., 2] = grad[..., 2] * current[..., 2]
+    out[..., 4] = grad[..., 4] * current[..., 4]
+    return out
+
+
 def learning_rates(cfg, rows: int, cols: int, sigma: float, device) -> torch.Tensor:
     """``[8]`` per-channel rates of ``cfg`` (a FitConfig): scale-free, positions move in grid
     spacings of a ``rows x cols`` grid, l21 in initial sigmas (``sigma``, normalised)."""

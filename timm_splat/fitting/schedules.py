@@ -41,3 +41,12 @@ def relocation_steps(cfg: FitConfig) -> set[int]:
             cfg.relocate_every,
         )
     )
+
+
+def subsampled_steps(cfg: FitConfig, moves: set[int]) -> set[int]:
+    """The steps that render a row view (every ``subsample``-th row, views.py): those before
+    ``subsample_end`` of the iterations, but for the relocations' (which sample the whole
+    residual)."""
+    if cfg.subsample <= 1:
+        return set()
+    return set(range(int(cfg.subsample_end * cfg.iterations))) - moves

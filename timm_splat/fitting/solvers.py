@@ -216,11 +216,13 @@ class ColourCG:
         self.direction = self.gy = self.kappa = None
         self.count = 0  # steps since the last restart
 
-    def step(self, param: torch.Tensor, splats: torch.Tensor, vjp: torch.Tensor, live):
+    def step(self, param: torch.Tensor, splats: torch.Tensor, vjp: torch.Tensor, live, height=None):
         """``splats``: the rendered splats of this step; ``vjp``: the render's VJP of their
-        residual (render - target), ``[B, n, 8]``; updates ``param``'s colours in place."""
+        residual (render - target), ``[B, n, 8]``; ``height``: the rows of that render (a row
+        view's, views.py; default the image's); updates ``param``'s colours in place."""
+        height = self.height if height is None else height
         g = vjp[..., 5:] * live  # gradient of half the squared error
-        area = math.pi * self.height * self.width * splats[..., 2] * splats[..., 4]
+        area = math.pi * height * self.width * splats[..., 2] * splats[..., 4]
         area = area.clamp_min(1e-6).unsqueeze(-1)  # D, the diagonal of A^T A
         y = g / area
         gy = total(g * y)  # [B, 3]: one problem per image and channel
@@ -232,9 +234,7 @@ class ColourCG:
         p = self.direction * live
         diagonal = total(p.square() * area)  # p^T D p
         if self.count % self.render_every == 0:
-            ap = ops.render(
-                torch.cat([splats[..., :5], p], -1), self.height, self.width, self.backend
-            )
+            ap = ops.render(torch.cat([splats[..., :5], p], -1), height, self.width, self.backend)
             curvature = total(ap.flatten(2).square(), 2)
             self.kappa = curvature / diagonal.clamp_min(1e-30)
         else:
@@ -264,13 +264,13 @@ class Steps:
         self.colour_start, self.count = colour_start, 0
         self.followers = [o for o in (adam, geometry, colours) if o is not None]
 
-    def step(self, param, grad, scale: float, live, splats, vjp):
-        """``grad``: the loss gradient in ``param``'s coordinates; ``splats`` and ``vjp``: this
-        step's rendered splats and the render's VJP of its residual."""
+    def step(self, param, grad, scale: float, live, splats, vjp, height=None):
+        """``grad``: the loss gradient in ``param``'s coordinates; ``splats``, ``vjp`` and
+        ``height``: this step's rendered splats, the render's VJP of its residual and its rows."""
         if self.colours is not None and self.count >= self.colour_start:
             if self.count == self.colour_start:
                 self.adam.lr[5:] = 0  # in place, on the device: no sync
-            self.colours.step(param, splats, vjp, live)
+            self.colours.step(param, splats, vjp, live, height)
         self.adam.step(param, grad, scale, live)
         if self.geometry is not None:
             self.geometry.step(param, grad, scale, live)
