@@ -49,4 +49,4 @@ def test_a_rerun_skips_finished_fits_and_recomputes_a_damaged_one(tmp_path, caps
 def test_report_fits_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(paper_fitting, "run_fit", lambda *a: 1 / 0)
     out = run(tmp_path / "journal.jsonl", capsys, "--report").out
-    assert "| 400 | 22.04 | 17.77 | – | – | – (150 it.) |" in out
+    assert "| 400 | 22.04 | 17.77 | – | – | – (190 it.) |" in out

@@ -739,3 +739,11 @@ def test_fit_options_added_later_at_their_defaults_still_resume(tmp_path):
         prefit(MNIST, tmp_path, limit=8, **options)
     assert "'color_step': 'adam'" in str(refused.value)
     assert prefit(MNIST, tmp_path, limit=8, color_step="adam", **options)["rows"] == 8
+    # Before subsample existed every step rendered every row.
+    del stored["fit"]["subsample"]
+    settings.write_text(json.dumps(stored))
+    with pytest.raises(Exception, match="other settings") as refused:
+        prefit(MNIST, tmp_path, limit=10, color_step="adam", **options)
+    assert "'subsample': 1" in str(refused.value)
+    adam_rows = dict(color_step="adam", subsample=1)
+    assert prefit(MNIST, tmp_path, limit=10, **adam_rows, **options)["rows"] == 10

@@ -13,13 +13,14 @@ from ..splats import DEFAULT_NUM_SPLATS
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Every knob of the fitter. The defaults are the algorithm of docs/fitting.md (adaptive
-    placement, colour solves, relocation of dim splats to the largest errors, 150 Adam steps,
-    the colours taken over by conjugate gradients for the second half or so);
-    ``FitConfig.preset("paper")`` is the paper's pipeline as first implemented here and
-    ``FitConfig.preset("adam150")`` the default before colour CG (issue 11's)."""
+    placement, colour solves, relocation of dim splats to the largest errors, 190 Adam steps of
+    which the first 60% render every second row, the colours taken over by conjugate gradients
+    for the second half or so); ``FitConfig.preset("paper")`` is the paper's pipeline as first
+    implemented here, ``FitConfig.preset("adam150")`` the default before colour CG (issue 11's)
+    and ``FitConfig.preset("cg150")`` the default before subsampled steps."""
 
     num_splats: int = DEFAULT_NUM_SPLATS
-    iterations: int = 150
+    iterations: int = 190
     init: str = "adaptive"  # "adaptive" (image-gradient density), "grid" (the paper's) or "random"
     init_scale: float = 1.0  # start with this many times num_splats, prune down to num_splats
     init_sigma: float = 0.6  # std-dev at init, in (local) splat spacings
@@ -39,7 +40,7 @@ class FitConfig:
     # Steps before subsample_end of the iterations (but for the relocations') render every
     # subsample-th row, the phase rotating from step to step (views.py): about half the cost of
     # a step at 2, so more steps for the same time (docs/fitting.md row 48); 1: every row.
-    subsample: int = 1
+    subsample: int = 2
     subsample_end: float = 0.6
     prune_start: float = 0.1  # prune events run between these fractions of the iterations
     prune_end: float = 0.6
@@ -140,12 +141,15 @@ class FitConfig:
 # (grid at 1.5x the budget, 600 Adam steps, luminance pruning down to the budget), kept so its
 # numbers stay reproducible and every comparison can run it side by side. "adam150": the default
 # of issue 11 (2026-11-25, commit fbde881) written out field by field, so it stays what it is
-# when the default changes: the reference of issue 20's comparisons.
+# when the default changes: the reference of issue 20's comparisons. "cg150": the default that
+# followed it, before subsampled steps.
 PRESETS: dict[str, dict] = {
     "default": {},
     # Colour CG as first measured (docs/fitting.md rows 32-34): from half the steps at every
     # budget, its direction rendered on every step (1.2x adam150's CPU time).
     "cg": dict(
+        iterations=150,
+        subsample=1,
         color_step="cg",
         color_cg_min_splats=0,
         color_cg_start=0.5,
@@ -179,6 +183,7 @@ PRESETS: dict[str, dict] = {
         l1_color=1e-6,
         geometry_step="adam",
         color_step="adam",
+        subsample=1,
     ),
     "paper": dict(
         iterations=600,
@@ -199,14 +204,29 @@ PRESETS: dict[str, dict] = {
         adam_beta2=0.999,
         l1_color=1e-6,
         color_step="adam",
+        subsample=1,
     ),
+}
+
+
+# The default of 2026-12-04 (commit 3be9a5b; docs/fitting.md rows 43-46), field by field: adam150
+# with the colours by CG from 600 splats (150 full steps).
+PRESETS["cg150"] = {
+    **PRESETS["adam150"],
+    "color_step": "cg",
+    "color_cg_min_splats": 600,
+    "color_cg_start": 0.5,
+    "color_cg_start_dense": 0.3,
+    "color_cg_dense_pixels": 40.0,
+    "color_cg_render_every": 16,
 }
 
 
 # Fields whose default is not the value fits had before the field existed: a pre-fitted
 # dataset whose stored settings lack one of them was fitted with the value here (data/prefit.py
-# resumes it only under that value). The colours were Adam's until color_step existed.
-VALUES_BEFORE_THEY_EXISTED: dict[str, object] = {"color_step": "adam"}
+# resumes it only under that value). The colours were Adam's until color_step existed, and
+# every step rendered every row until subsample existed.
+VALUES_BEFORE_THEY_EXISTED: dict[str, object] = {"color_step": "adam", "subsample": 1}
 
 
 def resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:
