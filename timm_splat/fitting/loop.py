@@ -114,8 +114,8 @@ def fit_splats(
         config: the fitter's settings (default: ``FitConfig()``).
         progress: show a progress bar (default: when writing to a terminal).
         callback: ``callback(step, image_indices, psnr)`` after every Adam step of a batch,
-            with the PSNR of that step's (unclamped) render per image of the batch; for
-            PSNR-vs-iteration curves.
+            with the PSNR of that step's (unclamped) render per image of the batch (of the
+            rows it rendered, for a subsampled step); for PSNR-vs-iteration curves.
         backend: renderer, "auto", "kernel" or "reference".
         device: where to fit (default: the device of a tensor input, else the CPU); the results
             stay there. The loop makes no host synchronisation, so a GPU fit runs ahead of Python.
