@@ -495,7 +495,7 @@ def test_subsampled_steps_fit_deterministically_and_batch_invariantly(astronaut_
     """Steps that render every second row (rotating) until ``subsample_end`` of the steps:
     deterministic, an image's fit independent of its batch, as good as full steps on this
     image, and cheaper in rendered pixels; relocation steps render every row."""
-    from timm_splat.fitting.schedules import subsampled_steps
+    from timm_splat.fitting.schedules import relocation_steps, subsampled_steps
 
     small = astronaut_64.resize((48, 48))
     images = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
@@ -517,7 +517,8 @@ def test_subsampled_steps_fit_deterministically_and_batch_invariantly(astronaut_
         patch.setattr(ops, "render", counting)
         fit_splats(images, **options)
     cfg = FitConfig(**options)
-    moves = {0, 10}  # relocate_every 10 until half of 40 steps
+    moves = relocation_steps(cfg)
+    assert moves == {0, 10}  # relocate_every 10 until half of 40 steps
     assert subsampled_steps(cfg, moves) == set(range(24)) - moves
     assert rows.count(24) == 22  # the 22 subsampled steps, every row of 48 in two phases
     assert subsampled_steps(FitConfig(**{**options, "subsample": 1}), moves) == set()
