@@ -47,6 +47,20 @@ def test_fit_end_to_end(tmp_path, astronaut_64, capsys):
     assert (meta["height"], meta["width"]) == ("40", "30") and len(ramp) <= 60
 
 
+def test_fit_takes_a_preset(tmp_path, astronaut_64, capsys):
+    from timm_splat import FitConfig, fit_splats
+
+    astronaut_64.save(tmp_path / "photo.png")
+    args = ["fit", str(tmp_path / "photo.png"), "--num-splats", "60", "--out", str(tmp_path)]
+    assert main([*args, "--preset", "fast"]) == 0
+    splats, _ = load_splats(tmp_path / "photo.safetensors")
+    expected = fit_splats(astronaut_64, FitConfig.preset("fast", num_splats=60)).splats[0]
+    torch.testing.assert_close(splats, expected.half().float())
+    with pytest.raises(SystemExit):
+        main([*args, "--preset", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
 def test_fit_reports_bad_files(tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     code = main(["fit", str(tmp_path / "broken.png"), "--out", str(tmp_path / "out")])

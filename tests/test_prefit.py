@@ -1,5 +1,6 @@
 """Pre-fitting: sources -> resumable parquet shards -> load_prefit. Offline, CPU, tiny fits."""
 
+import dataclasses
 import io
 import json
 import os
@@ -711,6 +712,21 @@ def test_hub_cache_links_into_its_blobs_are_followed(baseline, tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     rows = load_prefit("org/splats-gs16", cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 12
+
+
+def test_fit_preset_is_stored_with_the_options_that_change_it(image_folder, tmp_path):
+    from timm_splat.fitting import FitConfig
+
+    out = tmp_path / "out"
+    extra = ["--fit-preset", "fast", "--fit-option", "relocate_every=4", "--limit", "2"]
+    assert main(run_args(image_folder, out, *extra)) == 0
+    stored = json.loads((out / ".prefit" / "settings.json").read_text())["fit"]
+    # FIT's --iterations 200 and the --fit-option replace the preset's fields; the rest are its
+    expected = dataclasses.asdict(FitConfig.preset("fast", iterations=200, relocate_every=4))
+    del expected["batch_size"], expected["num_splats"]
+    assert stored == expected and stored["relocate_solve"] == 0
+    with pytest.raises(SystemExit):
+        main(run_args(image_folder, tmp_path / "other", "--fit-preset", "fastest"))
 
 
 def test_fit_options_added_later_at_their_defaults_still_resume(tmp_path):

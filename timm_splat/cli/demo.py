@@ -9,7 +9,7 @@ from ..images import to_rgb_tensors
 from ..ops import render_splats
 from ..report import format_table, save_grid, save_psnr_plot
 from ..samples import sample_photos
-from .timed import fit_timed, report_rows
+from .timed import add_fit_arguments, fit_timed, report_rows
 
 DEMO_BUDGETS = (400, 900, 1600, 3136)
 
@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="out/demo", help="folder for the grid and plot PNGs")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(DEMO_BUDGETS))
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--iterations", type=int, default=None, help="default: the fitter's")
+    add_fit_arguments(parser)
 
 
 def run(args) -> int:
@@ -34,7 +34,7 @@ def run(args) -> int:
     )
     rows, renders = [], []
     for budget in args.budgets:
-        result, seconds = fit_timed(images, budget, args.iterations)
+        result, seconds = fit_timed(images, budget, args.iterations, args.preset)
         rows += report_rows(names, images, result, budget, seconds)
         renders.append(render_splats(result.splats, args.size, args.size))
     rows.sort(key=lambda r: (names.index(r.image), r.budget))

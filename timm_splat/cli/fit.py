@@ -10,14 +10,14 @@ from ..images import to_rgb_tensors
 from ..ops import render_splats
 from ..report import format_table, to_pil
 from ..splats import DEFAULT_NUM_SPLATS, save_splats
-from .timed import fit_timed, report_rows
+from .timed import add_fit_arguments, fit_timed, report_rows
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="image files (any format and mode PIL reads)")
     parser.add_argument("--num-splats", type=int, default=DEFAULT_NUM_SPLATS)
     parser.add_argument("--out", required=True, help="folder for <name>.safetensors and <name>.png")
-    parser.add_argument("--iterations", type=int, default=None, help="default: the fitter's")
+    add_fit_arguments(parser)
 
 
 def load_image(path: Path):
@@ -34,7 +34,7 @@ def run(args) -> int:
     images = to_rgb_tensors([load_image(p) for p in paths])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result, seconds = fit_timed(images, args.num_splats, args.iterations)
+    result, seconds = fit_timed(images, args.num_splats, args.iterations, args.preset)
     stems: set[str] = set()
     for i, path in enumerate(paths):
         stem = path.stem

@@ -16,7 +16,7 @@ import logging
 import torch.distributed
 
 from ..data import prefit
-from ..fitting import FitConfig
+from ..fitting import PRESETS, FitConfig
 from ..hub import DirectoryUploader, HubUploader
 from ..splats import DEFAULT_NUM_SPLATS
 
@@ -91,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="fit seed (default: 0)")
     parser.add_argument(
+        "--fit-preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help="fitter configuration (FitConfig.preset) the other fit options change; 'fast' "
+        "takes a third of the time (docs/fitting.md); default: %(default)s",
+    )
+    parser.add_argument(
         "--fit-option",
         type=_fit_option,
         action="append",
@@ -129,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fit_options = dict(args.fit_option)
+    fit_options = {**PRESETS[args.fit_preset], **dict(args.fit_option)}
     for name in ("iterations", "seed"):
         if getattr(args, name) is not None:
             fit_options[name] = getattr(args, name)
