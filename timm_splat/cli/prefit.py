@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--iterations",
         type=int,
         default=None,
-        help=f"iterations per fit (default: {FitConfig.iterations})",
+        help=f"iterations per fit (default: the --fit-preset's; {FitConfig.iterations} for the "
+        "default)",
     )
     parser.add_argument("--seed", type=int, default=None, help="fit seed (default: 0)")
     parser.add_argument(

@@ -41,12 +41,14 @@ def relocate(
     batch, n, _ = splats.shape
     height, width = residual.shape[-2:]
     index = score.topk(count, dim=1, largest=False).indices
-    energy = blur(channel_sum(residual.square()), 1.0)[:, 0] + 1e-12  # never all zero
+    # One blur of the residual and its energy together (one pass of the op overhead)
+    blurred = blur(torch.cat([residual, channel_sum(residual.square())], 1), 1.0)
+    energy = blurred[:, 3] + 1e-12  # never all zero
     jitter = torch.full((batch, count, 3), 0.5, device=splats.device)  # deterministic
     xy, _ = sample_means(energy, count, jitter)
     sigma_px = torch.full_like(xy[..., 0], sigma * math.sqrt(height * width / n))
     new = isotropic(xy, sigma_px, height, width)
-    new[..., 5:] = -sample_at(blur(residual, 1.0), xy)
+    new[..., 5:] = -sample_at(blurred[:, :3], xy)
     rows = index.unsqueeze(-1).expand(-1, -1, splats.shape[-1])
     return splats.scatter(1, rows, new), index
 
