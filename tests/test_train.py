@@ -363,8 +363,10 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, captioned_folder
     full = load_file(tmp_path / "full" / "final" / "model.safetensors")
     accum = load_file(tmp_path / "accum" / "final" / "model.safetensors")
     for name, value in full.items():
-        # Summation order differs between the two runs: float noise ~1e-6 is expected.
-        torch.testing.assert_close(accum[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        # Summation order differs between the two runs, and with it float noise, which depends
+        # on the CPU's vector width: up to 1.3e-5 after the two steps on an AVX-512 machine
+        # (2026-12-07). Stepping after every micro-batch instead moves weights by ~1.4e-2.
+        torch.testing.assert_close(accum[name], value, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_checkpoints_are_whole_pickle_free_and_pruned(tmp_path, captioned_folder, teacher_dir):

@@ -66,11 +66,15 @@ def blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _weighted_sum(terms: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum(w * t), accumulated in place (half the passes over memory of ``w * t`` then ``+``;
-    a relocation's blurs took 0.7 of a render + VJP at N=3136 before)."""
+    """sum(w * t), accumulated in place through one scratch tensor: the bits of the plain sum
+    (each product and each sum rounded once, in the same order; ``add_(alpha=w)`` would fuse
+    them where the CPU's vector loop has FMA and not in its tail, so an element's bits would
+    hang on how the loop is split), without its allocations (a relocation's blurs cost 0.7 of
+    a render + VJP at N=3136 before)."""
     out = terms[0] * weights[0]
+    scratch = torch.empty_like(out)
     for term, weight in zip(terms[1:], weights[1:]):
-        out.add_(term, alpha=weight)
+        out.add_(torch.mul(term, weight, out=scratch))
     return out
 
 
