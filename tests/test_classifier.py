@@ -325,6 +325,25 @@ def test_a_classifier_resume_is_bit_identical(stages, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stage_two_from_stage_one_does_not_load_the_teacher(stages, tmp_path):
+    """Stage 2 starts from stage 1's student, so its --teacher (passed along with the rest of
+    stage 1's options) is not built: weights that are gone no longer stop it."""
+    run = tmp_path / "run"
+    shutil.copytree(stages["student"] / "distill", run / "distill")
+    config = dict(
+        model="splat_vit_mini",
+        train_data=str(stages["data"]),
+        output=str(run),
+        teacher="vit_mini_patch7_28",
+        teacher_pretrained=str(tmp_path / "gone.safetensors"),
+        max_steps=1,
+        **SMALL,
+    )
+    assert train(TrainConfig(stage="finetune", **config))["stage"] == "finetune"
+    with pytest.raises(ValueError, match="gone.safetensors: no such run folder"):  # stage 1 does
+        train(TrainConfig(stage="distill", **dict(config, output=str(tmp_path / "other"))))
+
+
 def test_a_kill_before_the_top_level_final_is_finished(stages, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(stages["baseline"], run)

@@ -27,13 +27,26 @@ def _weights_file(pretrained: str | None) -> str | None:
     return pretrained
 
 
-def build_teacher(config: TrainConfig, num_classes: int | None):
-    """The RGB teacher (frozen, eval mode), or None when the stage has none."""
-    if not config.teacher:
+def stage_one_weights(config: TrainConfig, run_dir: Path) -> Path | None:
+    """Stage 1's final weights, where this stage is a second stage that starts from them."""
+    previous = run_dir / "distill" / "final" / "model.safetensors"
+    return previous if config.second_stage and previous.exists() else None
+
+
+def build_teacher(config: TrainConfig, run_dir: Path, num_classes: int | None):
+    """The RGB teacher (frozen, eval mode), or None where the stage has none or does not use
+    it: stage pixel, and a second stage that starts from stage 1 (its student is built)."""
+    if not config.teacher or config.stage == "pixel" or stage_one_weights(config, run_dir):
         return None
     weights = _weights_file(config.teacher_pretrained)
     if config.task == "classify":
         import timm
+
+        if weights and not weights.startswith("hf-hub:") and not Path(weights).is_file():
+            raise ValueError(  # timm would raise a FileNotFoundError without a message
+                f"--teacher-pretrained {weights}: no such run folder or weights file; give the "
+                f"folder of a stage pixel run or a .safetensors file"
+            )
 
         teacher = timm.create_model(
             config.teacher, num_classes=num_classes, checkpoint_path=weights or ""
@@ -61,8 +74,8 @@ def build_model(config: TrainConfig, run_dir: Path, teacher, num_classes: int | 
                 f"{config.model} is a splat model"
             )
         return model
-    previous = run_dir / "distill" / "final" / "model.safetensors"
-    starts_from_stage_one = config.second_stage and previous.exists()
+    previous = stage_one_weights(config, run_dir)
+    starts_from_stage_one = previous is not None
     if starts_from_stage_one and config.task == "classify" and not config.num_latents:
         # Stage 2 builds stage 1's architecture again: its latent count is in its run.json.
         recorded = json.loads((previous.parent / "run.json").read_text()).get("num_latents")

@@ -60,7 +60,7 @@ def build_run(config: TrainConfig) -> Run:
     config = dataclasses.replace(config, num_splats=budget_of(config, dataset))
     num_classes = num_classes_of(config, dataset)
 
-    teacher = build_teacher(config, num_classes)
+    teacher = build_teacher(config, run_dir, num_classes)
     model = build_model(config, run_dir, teacher, num_classes)
     if config.stage != "distill":
         teacher = None  # only stage 1 keeps one beside the model
