@@ -214,8 +214,8 @@ PRESETS: dict[str, dict] = {
 # CPU time and rendered pixels. 80 steps, every one but the relocations' on every second row,
 # relocating every 5 steps without a colour solve (colour CG, from 10% of the steps, solves
 # them as it goes). adam150's PSNR from ~3000 splats at 224x224 (N=3136: +0.0 / +0.3 dB on the
-# tuning / held-out photos at 0.30-0.33x); below that 1-2 dB under it. Over the default, so
-# it follows the default's other fields.
+# tuning / held-out photos at 0.30-0.34x); below that 1.0-1.4 dB under it. Over the default,
+# so it follows the default's other fields.
 PRESETS["fast"] = dict(
     iterations=80,
     subsample_end=1.0,

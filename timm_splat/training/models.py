@@ -45,7 +45,7 @@ def build_teacher(config: TrainConfig, run_dir: Path, num_classes: int | None):
         if weights and not weights.startswith("hf-hub:") and not Path(weights).is_file():
             raise ValueError(  # timm would raise a FileNotFoundError without a message
                 f"--teacher-pretrained {weights}: no such run folder or weights file; give the "
-                f"folder of a stage pixel run or a .safetensors file"
+                "folder of a stage pixel run or a .safetensors file"
             )
 
         teacher = timm.create_model(
