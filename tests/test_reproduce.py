@@ -70,6 +70,26 @@ def test_reproduce_writes_the_results_and_resumes(tmp_path, head):
     again = reproduce(config)
     assert again["students"][0]["top1"] == student["top1"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # The cost counts every invocation: the first one's training is not forgotten on resume.
+    first, total = saved["cost_seconds"], again["cost_seconds"]
+    assert set(first) == {"teacher", "prefit", "students", "baselines"} == set(total)
+    assert all(total[part] >= first[part] > 0 for part in first)
+    assert json.loads((tmp_path / "run" / "cost.json").read_text()) == total
+
+
+def test_a_damaged_cost_record_loses_only_the_record(tmp_path, capsys):
+    from timm_splat.reproduce import _read_cost
+
+    path = tmp_path / "cost.json"
+    assert _read_cost(path) == {}  # a new run
+    path.write_text('{"teacher": 12.5, "students": 3}')
+    assert _read_cost(path) == {"teacher": 12.5, "students": 3.0}
+    for damaged in ("{", '["teacher"]', '{"teacher": -1}', '{"teacher": NaN}', '{"a": true}'):
+        path.write_text(damaged)
+        assert _read_cost(path) == {}
+        assert "is damaged" in capsys.readouterr().out
+    path.write_bytes(b"\xff\xfe")
+    assert _read_cost(path) == {}
 
 
 def test_paired_differences_and_spreads():

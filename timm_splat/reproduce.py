@@ -17,8 +17,9 @@ back to pixels (``rendered``), a student without stage 1 (``no_stage1``), half t
 every model also on another dataset's test split (trained on MNIST, tested on MNIST-M).
 
 ``DIR`` holds every run, ``results.json`` (rewritten after each step: a kill loses only the
-step in progress, and running the command again resumes every finished one), ``results.md``
-and ``results.png``. Seeds give mean and spread; differences are paired (the same test images,
+step in progress, and running the command again resumes every finished one), ``results.md``,
+``results.png`` and ``cost.json`` (seconds per part over every invocation, ``results.json``'s
+``cost_seconds``). Seeds give mean and spread; differences are paired (the same test images,
 the same seeds) and called resolved when they exceed twice their standard error.
 """
 
@@ -195,17 +196,45 @@ def _log(message: str) -> None:
     print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+# Seconds per part (teacher, prefit, students, baselines) over every invocation of a run: a
+# resumed run skips what is finished, so its own clock would leave out what earlier ones spent.
+COST_FILE = "cost.json"
+
+
+def _read_cost(path: Path) -> dict[str, float]:
+    """The seconds per part that earlier invocations recorded in ``path``. Read back as
+    untrusted: a damaged file loses only the record (with a warning), never the run."""
+    if not path.exists():
+        return {}
+    try:
+        cost = json.loads(path.read_text())
+        problem = "not a map of part names to seconds"
+        if isinstance(cost, dict) and all(
+            isinstance(seconds, (int, float))
+            and not isinstance(seconds, bool)
+            and math.isfinite(seconds)
+            and seconds >= 0
+            for seconds in cost.values()
+        ):
+            return {str(name): float(seconds) for name, seconds in cost.items()}
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSON errors are ValueErrors
+        problem = str(exc)
+    _log(f"{path} is damaged ({problem}): the time spent before this invocation is not counted")
+    return {}
+
+
 class _Experiment:
     """One reproduce run: its folders, its common training options, its timings."""
 
     def __init__(self, config: ReproduceConfig):
         self.config, self.out = config, Path(config.out)
-        self.cost: dict[str, float] = {}
+        self.cost = _read_cost(self.out / COST_FILE)
 
     def timed(self, name: str, fn, *args, **kwargs):
         start = time.perf_counter()
         value = fn(*args, **kwargs)
         self.cost[name] = round(self.cost.get(name, 0) + time.perf_counter() - start, 1)
+        write_atomic(self.out / COST_FILE, json.dumps(self.cost) + "\n")
         return value
 
     def steps(self, epochs: int) -> int | None:
