@@ -81,7 +81,7 @@ def build_model(config: TrainConfig, run_dir: Path, teacher, num_classes: int | 
         recorded = json.loads((previous.parent / "run.json").read_text()).get("num_latents")
         if isinstance(recorded, int) and recorded > 0:
             config.num_latents = recorded
-    if teacher is not None and not starts_from_stage_one:
+    if teacher is not None:  # build_teacher gives none where stage 1's student is the start
         student = _student_of(config, teacher, num_classes)
     else:
         student = _new_model(config, num_classes)
