@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -126,6 +127,22 @@ def test_bad_images():
         fit_splats([], num_splats=10)
 
 
+def test_a_fit_that_ends_below_its_start_is_reported(astronaut_64):
+    """A finite fit that diverged (here Adam's colour rate 125x the default's) returns its splats
+    with a warning that names the images, instead of silently; a good fit, or one with no steps,
+    says nothing."""
+    small = astronaut_64.resize((32, 32))
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 fits ended below their start.*#0: "):
+        bad = fit_splats([small, small], num_splats=30, iterations=30, lr_color=5.0)
+    assert (bad.psnr < 10).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_splats(small, num_splats=30, iterations=30)
+        fit_splats(small, num_splats=30, iterations=0)
+        # A start above the budget pruned to below its PSNR (15.9 -> 12.6 dB) is no divergence.
+        fit_splats(small, num_splats=30, iterations=0, init_scale=3.0)
+
+
 def test_zero_iterations_and_tiny_images():
     result = fit_splats(torch.rand(3, 2, 3), num_splats=4, iterations=0)
     assert result.splats.shape == (1, 4, 8)
@@ -145,10 +162,12 @@ def test_presets():
     assert set(PRESETS) >= {"default", "paper", "adam150", "cg", "cg150", "fast"}
     assert FitConfig.preset("cg").color_step == "cg" and FitConfig.preset("cg").iterations == 150
     assert FitConfig.preset("cg").subsample == 1
-    # The defaults before, pinned: cg150 is today's with full steps only (150 of them), adam150
-    # that with Adam on the colours to the end.
+    # The defaults before, pinned: cg150 is today's with full steps only (150 of them) and the
+    # colour diagonal without its floor, adam150 that with Adam on the colours to the end.
     cg150 = FitConfig.preset("cg150")
-    assert cg150 == dataclasses.replace(FitConfig(), iterations=150, subsample=1)
+    assert cg150 == dataclasses.replace(
+        FitConfig(), iterations=150, subsample=1, color_diagonal_floor=0.0
+    )
     adam150 = FitConfig.preset("adam150")
     assert adam150 == dataclasses.replace(cg150, color_step="adam")
     assert FitConfig().color_step == "cg" and FitConfig().color_cg_render_every == 16
@@ -425,6 +444,71 @@ def test_colour_cg_with_lagged_curvature_renders_less_and_still_solves(monkeypat
     assert err(param) - err(best) < 0.1 * (err(start) - err(best))
     cg.reset(torch.zeros(2, 1, dtype=torch.long))
     assert cg.kappa is None and cg.count == 0  # the first step after a restart renders
+
+
+def _thin_splat_on_a_row(start: torch.Tensor, height: int) -> torch.Tensor:
+    """``start`` with its first splat made a horizontal needle 0.01 pixel tall, centred on the
+    pixel centres of row 5 (the shape a fit's splats can shrink to)."""
+    start = start.clone()
+    start[:, 0, 1] = 5.5 / height
+    start[:, 0, 3] = 0
+    start[:, 0, 4] = 0.01 / height
+    return start
+
+
+def test_colour_diagonal_is_not_fooled_by_splats_thinner_than_a_pixel():
+    """The Jacobi diagonal is each splat's rendered squares summed over the pixels: the closed
+    form pi * l11 * l22 for splats a pixel or more across, never far below the rendered sum for
+    a needle thinner than a pixel that a row of pixel centres runs through (where the closed
+    form is 100x too small)."""
+    from timm_splat.fitting.config import DIAGONAL_FLOOR
+    from timm_splat.fitting.solvers import colour_diagonal
+
+    target = torch.rand(1, 3, 16, 12, generator=torch.Generator().manual_seed(3))
+    start = initial_splats(target, 20, FitConfig.preset("paper", num_splats=20), "reference")
+    start = _thin_splat_on_a_row(start.double(), 16)
+    white = start.clone()
+    white[..., 5:] = 0
+    sums = []
+    for i in range(start.shape[1]):  # each splat alone in white: its column of A
+        alone = white[:, i : i + 1].clone()
+        alone[..., 5] = 1
+        sums.append(ops.render(alone, 16, 12, "reference")[0, 0].square().sum())
+    rendered = torch.stack(sums)
+    closed_form = colour_diagonal(start, 16, 12, DIAGONAL_FLOOR)[0, :, 0]
+    assert rendered[0] > 2 and closed_form[0] >= 0.9 * rendered[0]
+    assert colour_diagonal(start, 16, 12, 0.0)[0, 0, 0] < 0.05 * rendered[0]  # the bare integral
+    # Splats a pixel or more across, off the borders: the closed form (cut-off aside).
+    inside = (start[0, :, 0] * 12 > 3) & (start[0, :, 0] * 12 < 9)
+    inside &= (start[0, :, 1] * 16 > 3) & (start[0, :, 1] * 16 < 13)
+    inside[0] = False
+    assert inside.sum() >= 3
+    torch.testing.assert_close(closed_form[inside], rendered[inside], rtol=0.15, atol=0)
+
+
+def test_colour_cg_keeps_descending_with_a_splat_thinner_than_a_pixel():
+    """A fit's splats can shrink below a pixel; with the integral for its diagonal the needle's
+    preconditioned step was hundreds of times too long, and with the lagged curvature the
+    colours diverged (a 1,500-step fit to 5 dB, docs/fitting.md row 57)."""
+    from timm_splat.fitting.solvers import ColourCG
+
+    target = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(3))
+    start = initial_splats(target, 20, FitConfig.preset("paper", num_splats=20), "reference")
+    start = _thin_splat_on_a_row(start, 16)
+    best = solve_colors(start, target, 60, "reference")
+    live = torch.ones(2, start.shape[1], 1)
+
+    def err(x):
+        return float((ops.render(x, 16, 12, "reference") - target).square().sum())
+
+    param, cg = start.clone(), ColourCG(16, 12, "reference", render_every=4)
+    errors = [err(param)]
+    for _ in range(12):
+        residual = ops.render(param, 16, 12, "reference") - target
+        cg.step(param, param.clone(), ops.render_vjp(param, residual, 16, 12, "reference"), live)
+        errors.append(err(param))
+    assert param[..., 5:].abs().max() < 10
+    assert errors[-1] - err(best) < 0.1 * (errors[0] - err(best))
 
 
 @pytest.mark.parametrize("start, every", [(0.0, 1), (0.5, 1), (0.0, 4)])

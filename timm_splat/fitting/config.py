@@ -9,6 +9,11 @@ import numbers
 
 from ..splats import DEFAULT_NUM_SPLATS
 
+# A Gaussian thinner than a pixel sums its squares over the pixels to ~sqrt(pi) x its length
+# where a row of pixel centres runs through it, not to its near-zero integral; pi x length x
+# this floor keeps the colour preconditioner from taking the second for the first.
+DIAGONAL_FLOOR = 1 / math.sqrt(math.pi)
+
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
@@ -72,6 +77,10 @@ class FitConfig:
     # Render the CG direction for its exact step length every this many CG steps; in between,
     # its closed-form diagonal times the overlap ratio last measured (1: render every step).
     color_cg_render_every: int = 16
+    # Floor, in pixels, of each splat extent in the colour solves' diagonal (solvers.py): with
+    # the bare integral a needle thinner than a pixel took colour steps hundreds of times too
+    # long, and long colour-CG fits diverged (docs/fitting.md row 57). 0: the bare integral.
+    color_diagonal_floor: float = DIAGONAL_FLOOR
     batch_size: int = 64  # images fitted per batch (memory grows linearly with it)
     max_size: int = 1024  # longer side larger images are fitted at (splats are resolution-free)
     seed: int = 0
@@ -122,6 +131,7 @@ class FitConfig:
             "color_cg_min_splats": self.color_cg_min_splats >= 0,
             "color_cg_dense_pixels": self.color_cg_dense_pixels >= 0,
             "color_cg_render_every": self.color_cg_render_every >= 1,
+            "color_diagonal_floor": self.color_diagonal_floor >= 0,
             "gn_rate": self.gn_rate >= 0,
             "gn_damping": self.gn_damping >= 0,
             "gn_momentum": 0 <= self.gn_momentum < 1,
@@ -156,6 +166,7 @@ PRESETS: dict[str, dict] = {
         color_cg_start=0.5,
         color_cg_start_dense=0.5,
         color_cg_render_every=1,
+        color_diagonal_floor=0.0,
     ),
     "adam150": dict(
         iterations=150,
@@ -185,6 +196,7 @@ PRESETS: dict[str, dict] = {
         geometry_step="adam",
         color_step="adam",
         subsample=1,
+        color_diagonal_floor=0.0,
     ),
     "paper": dict(
         iterations=600,
@@ -241,9 +253,13 @@ PRESETS["cg150"] = {
 
 # Fields whose default is not the value fits had before the field existed: a pre-fitted
 # dataset whose stored settings lack one of them was fitted with the value here (data/prefit.py
-# resumes it only under that value). The colours were Adam's until color_step existed, and
-# every step rendered every row until subsample existed.
-VALUES_BEFORE_THEY_EXISTED: dict[str, object] = {"color_step": "adam", "subsample": 1}
+# resumes it only under that value). The colours were Adam's until color_step existed, every
+# step rendered every row until subsample existed, and the colour diagonal had no floor.
+VALUES_BEFORE_THEY_EXISTED: dict[str, object] = {
+    "color_step": "adam",
+    "subsample": 1,
+    "color_diagonal_floor": 0.0,
+}
 
 
 def resolve_config(config: FitConfig | None, overrides: dict) -> FitConfig:

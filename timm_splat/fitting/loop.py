@@ -9,6 +9,8 @@ rows).
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -28,6 +30,10 @@ from .solvers import make_steps, solve_colors
 from .topology import prune, relocate_dimmest
 from .views import row_views
 
+# How far below its start (the first colour solve's PSNR) a fit may end before it is reported as
+# diverged: only rounding makes a step-free fit (iterations=0) differ from its start.
+DIVERGENCE_MARGIN_DB = 1.0
+
 
 class FitResult(NamedTuple):
     splats: torch.Tensor  # [B, N, 8], zero rows where fewer than N splats survived
@@ -41,10 +47,18 @@ def psnr(render: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
-    """Fit one batch ``targets [B, 3, H, W]`` of one size: ``(splats [B, <=N, 8], psnr [B])``."""
+    """Fit one batch ``targets [B, 3, H, W]`` of one size: ``(splats [B, <=N, 8], psnr [B],
+    psnr of the start [B])``."""
     batch, _, height, width = targets.shape
     splats, rows, cols, sigma = initial_state(targets, cfg, backend)
-    splats = solve_colors(splats, targets, cfg.color_solve, backend)
+    floor = cfg.color_diagonal_floor
+    splats = solve_colors(splats, targets, cfg.color_solve, backend, floor)
+    # The start's PSNR, the floor of a fit that did not diverge; none for a start above the
+    # budget (init_scale > 1), which pruning down to it may leave below.
+    start_quality = torch.full((batch,), -math.inf, device=targets.device)
+    if splats.shape[1] <= cfg.num_splats:
+        with torch.no_grad():
+            start_quality = psnr(ops.render(splats, height, width, backend), targets)
     raw = splats_to_raw(splats)
     live = torch.ones(batch, raw.shape[1], 1, device=raw.device)
     lr = learning_rates(cfg, rows, cols, sigma, raw.device)
@@ -87,13 +101,13 @@ def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     final = raw_to_splats(raw) * live
     if cfg.final_solve:
         with torch.no_grad():
-            final = solve_colors(final, targets, cfg.final_solve, backend) * live
+            final = solve_colors(final, targets, cfg.final_solve, backend, floor) * live
     final = pack_real_first(final)
     if cfg.codec_steps:
         final = refine_quantized(targets, final, steps=cfg.codec_steps, backend=backend)
     with torch.no_grad():
         quality = psnr(ops.render(final, height, width, backend), targets)
-    return final, quality
+    return final, quality, start_quality
 
 
 def fit_splats(
@@ -155,6 +169,7 @@ def fit_splats(
 
     splats = torch.zeros(count, cfg.num_splats, SPLAT_CHANNELS, device=device)
     quality = torch.zeros(count, device=device)
+    start_quality = torch.zeros(count, device=device)
     disable = None if progress is None else not progress  # None: only on a terminal
     bar = tqdm(
         total=count * cfg.iterations, disable=disable, unit="img-it", desc=f"fit {cfg.num_splats}"
@@ -165,16 +180,35 @@ def fit_splats(
             for start in range(0, len(indices), cfg.batch_size):
                 chunk = indices[start : start + cfg.batch_size]
                 batch = targets[start : start + cfg.batch_size].to(device)
-                fitted, q = fit_batch(batch, cfg, backend, bar, callback, chunk)
+                fitted, q, q_start = fit_batch(batch, cfg, backend, bar, callback, chunk)
                 rows = torch.tensor(chunk, device=device)
                 splats[rows, : fitted.shape[1]] = fitted
-                quality[rows] = q
-    if not bool(torch.isfinite(splats).all()):  # one host sync per call, after the work
+                quality[rows], start_quality[rows] = q, q_start
+    if not bool(torch.isfinite(splats).all()):  # host syncs once per call, after the work
         raise ValueError(
             "the fit diverged (non-finite splats): lower the learning rates (lr_position, "
             "lr_shape, lr_color) or use FitConfig()'s defaults"
         )
+    _warn_if_worse_than_the_start(quality, start_quality)
     return FitResult(splats, quality)
+
+
+def _warn_if_worse_than_the_start(quality: torch.Tensor, start: torch.Tensor) -> None:
+    """Every step descends, so a fit that ends well below its start diverged while staying
+    finite (as long colour-CG fits did before ``color_diagonal_floor``): its splats are
+    returned, since they are what was asked for, but not silently."""
+    worse = (quality < start - DIVERGENCE_MARGIN_DB).nonzero().flatten().tolist()
+    if worse:
+        shown = ", ".join(
+            f"#{i}: {quality[i]:.2f} dB after {start[i]:.2f} dB at the start" for i in worse[:5]
+        )
+        warnings.warn(
+            f"{len(worse)} of {len(quality)} fits ended below their start and diverged ({shown}"
+            f"{', ...' if len(worse) > 5 else ''}): lower the learning rates or use FitConfig()'s "
+            "defaults, and report it if they are the defaults",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _working_size(images: torch.Tensor, max_size: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from ..splats import SPLAT_CHANNELS
-from .config import FitConfig
+from .config import DIAGONAL_FLOOR, FitConfig
 from .parameters import raw_to_splats
 from .sampling import total
 
@@ -50,20 +50,36 @@ class Adam:
         self.v.scatter_(1, rows, 0.0)
 
 
+def colour_diagonal(splats: torch.Tensor, height: int, width: int, floor: float) -> torch.Tensor:
+    """diag(A^T A) of the colour problem, ``[B, n, 1]``: a Gaussian's squares summed over the
+    pixels, ~ pi * l11 * l22 in pixel units, each factor floored at ``floor`` pixels
+    (``FitConfig.color_diagonal_floor``; 0: the integral as it is)."""
+    if floor == 0:  # the expression of the fits before the floor existed, bit for bit
+        return (math.pi * height * width * splats[..., 2] * splats[..., 4]).clamp_min(1e-6)[
+            ..., None
+        ]
+    sigma_x = (width * splats[..., 2]).clamp_min(floor)
+    sigma_y = (height * splats[..., 4]).clamp_min(floor)
+    return (math.pi * sigma_x * sigma_y).unsqueeze(-1)
+
+
 def solve_colors(
-    splats: torch.Tensor, targets: torch.Tensor, steps: int, backend: str = "auto"
+    splats: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    backend: str = "auto",
+    floor: float = DIAGONAL_FLOOR,
 ) -> torch.Tensor:
     """Colours that minimise the squared error for the splats' geometry, by ``steps`` of
     Jacobi-preconditioned conjugate gradients on the normal equations (the render is linear in
     the colours: one render and one VJP per step). Starts from the splats' own colours; a
-    fixed step count and no early exit, so there is no host sync."""
+    fixed step count and no early exit, so there is no host sync. ``floor``: of the
+    preconditioner's splat extents (:func:`colour_diagonal`)."""
     if steps <= 0:
         return splats
     _, _, height, width = targets.shape
     geometry = splats[..., :5]
-    # diag(A^T A): sum over pixels of a Gaussian squared ~ pi * l11 * l22 in pixel units.
-    diag = (math.pi * height * width * splats[..., 2] * splats[..., 4]).clamp_min(1e-6)
-    inv_diag = (1 / diag).unsqueeze(-1)
+    inv_diag = 1 / colour_diagonal(splats, height, width, floor)
 
     def normal(colors):  # A^T A colours
         full = torch.cat([geometry, colors], -1)
@@ -210,9 +226,9 @@ class ColourCG:
     two at the last render, per image and channel: how much the splats' overlaps add to the
     diagonal, which changes slowly from one direction to the next (docs/fitting.md row 43)."""
 
-    def __init__(self, height: int, width: int, backend: str, render_every: int = 1):
+    def __init__(self, height: int, width: int, backend: str, render_every=1, floor=DIAGONAL_FLOOR):
         self.height, self.width, self.backend = height, width, backend
-        self.render_every = render_every
+        self.render_every, self.floor = render_every, floor
         self.direction = self.gy = self.kappa = None
         self.count = 0  # steps since the last restart
 
@@ -222,8 +238,7 @@ class ColourCG:
         view's, views.py; default the image's); updates ``param``'s colours in place."""
         height = self.height if height is None else height
         g = vjp[..., 5:] * live  # gradient of half the squared error
-        area = math.pi * height * self.width * splats[..., 2] * splats[..., 4]
-        area = area.clamp_min(1e-6).unsqueeze(-1)  # D, the diagonal of A^T A
+        area = colour_diagonal(splats, height, self.width, self.floor)  # D: diag(A^T A)
         y = g / area
         gy = total(g * y)  # [B, 3]: one problem per image and channel
         if self.direction is None:
@@ -297,7 +312,9 @@ def make_steps(cfg: FitConfig, raw: torch.Tensor, lr: torch.Tensor, size, backen
         lr[:5] = 0
         geometry = GaussNewton(raw, cfg.gn_rate, cfg.gn_damping, cfg.gn_momentum, height, width)
     if cfg.color_step == "cg" and cfg.num_splats >= cfg.color_cg_min_splats:
-        colours = ColourCG(height, width, backend, cfg.color_cg_render_every)
+        colours = ColourCG(
+            height, width, backend, cfg.color_cg_render_every, cfg.color_diagonal_floor
+        )
     dense = height * width < cfg.color_cg_dense_pixels * cfg.num_splats
     start = int((cfg.color_cg_start_dense if dense else cfg.color_cg_start) * cfg.iterations)
     return Steps(Adam(raw, lr, betas=(0.9, cfg.adam_beta2)), geometry, colours, start)

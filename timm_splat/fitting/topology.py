@@ -62,7 +62,8 @@ def relocate_dimmest(raw, live, steps: Adam | Steps, residual, targets, cfg: Fit
     count = max(1, round(cfg.relocate_fraction * raw.shape[1]))
     moved, index = relocate(current, residual, count, score, cfg.relocate_sigma)
     live = live.scatter(1, index.unsqueeze(-1), 1.0)
-    moved = solve_colors(moved * live, targets, cfg.relocate_solve, backend)
+    floor = cfg.color_diagonal_floor
+    moved = solve_colors(moved * live, targets, cfg.relocate_solve, backend, floor)
     rows = index.unsqueeze(-1).expand(-1, -1, SPLAT_CHANNELS)
     raw = raw.scatter(1, rows, splats_to_raw(moved.gather(1, rows)))
     raw[..., 5:] = moved[..., 5:]
