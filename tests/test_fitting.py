@@ -166,10 +166,12 @@ def test_presets():
     # colour diagonal without its floor, adam150 that with Adam on the colours to the end.
     cg150 = FitConfig.preset("cg150")
     assert cg150 == dataclasses.replace(
-        FitConfig(), iterations=150, subsample=1, color_diagonal_floor=0.0
+        FitConfig(), iterations=150, subsample=1, color_diagonal_floor=0.0, color_cg_min_splats=600
     )
     adam150 = FitConfig.preset("adam150")
-    assert adam150 == dataclasses.replace(cg150, color_step="adam")
+    # (colour CG's settings are the default's there: unused with Adam on the colours)
+    minimum = FitConfig().color_cg_min_splats
+    assert adam150 == dataclasses.replace(cg150, color_step="adam", color_cg_min_splats=minimum)
     assert FitConfig().color_step == "cg" and FitConfig().color_cg_render_every == 16
     default = FitConfig()
     assert (default.iterations, default.subsample, default.subsample_end) == (190, 2, 0.6)
@@ -241,7 +243,7 @@ def test_fast_preset_takes_a_third_of_adam150s_renders_and_beats_adam150_cut_sho
         "adam150_cut": FitConfig.preset("adam150", iterations=48),
     }.items():
         rows["n"] = 0
-        # 600 splats (colour CG's minimum) on 96x96: 15 pixels a splat, as 3136 on 224x224
+        # 600 splats on 96x96: 15 pixels a splat, as 3136 on 224x224
         psnr = fit_splats(photo, config, num_splats=600).psnr.item()
         work[name] = (psnr, rows["n"])
     # Rendered rows (forward and VJP): 11040 against 33984 (0.32), and adam150 cut to 48 steps

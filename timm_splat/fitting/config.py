@@ -65,12 +65,12 @@ class FitConfig:
     gn_damping: float = 0.1  # Levenberg-Marquardt damping, a fraction of the blocks' diagonal
     gn_momentum: float = 0.9  # heavy-ball momentum of the Gauss-Newton steps
     # "adam" or "cg": colours by conjugate gradients with a line search per step (variable
-    # projection, docs/fitting.md rows 32-46) for budgets of color_cg_min_splats or more (the
-    # gain grows with the number of splats; below ~500 there is none), Adam keeping them until
-    # color_cg_start of the steps, or color_cg_start_dense where a splat has fewer than
+    # projection, docs/fitting.md rows 32-46, 58) for budgets of color_cg_min_splats or more
+    # (the gain grows with the number of splats; below ~300 there is none), Adam keeping them
+    # until color_cg_start of the steps, or color_cg_start_dense where a splat has fewer than
     # color_cg_dense_pixels of the image's pixels (at 224x224: N >= 1255).
     color_step: str = "cg"
-    color_cg_min_splats: int = 600
+    color_cg_min_splats: int = 400
     color_cg_start: float = 0.5
     color_cg_start_dense: float = 0.3
     color_cg_dense_pixels: float = 40.0
@@ -225,9 +225,9 @@ PRESETS: dict[str, dict] = {
 # The other operating point of today's algorithm (docs/fitting.md row 56): a third of adam150's
 # CPU time and rendered pixels. 80 steps, every one but the relocations' on every second row,
 # relocating every 5 steps without a colour solve (colour CG, from 10% of the steps, solves
-# them as it goes). adam150's PSNR from ~3000 splats at 224x224 (N=3136: +0.0 / +0.3 dB on the
-# tuning / held-out photos at 0.30-0.34x); below that 1.0-1.4 dB under it. Over the default,
-# so it follows the default's other fields.
+# them as it goes). adam150's PSNR from ~3000 splats at 224x224 (N=3136: +0.1 / +0.5 dB on the
+# tuning / held-out photos at 0.33x, row 58); below that 0.8-1.3 dB under it. Over the
+# default, so it follows the default's other fields.
 PRESETS["fast"] = dict(
     iterations=80,
     subsample_end=1.0,
