@@ -55,9 +55,8 @@ def colour_diagonal(splats: torch.Tensor, height: int, width: int, floor: float)
     pixels, ~ pi * l11 * l22 in pixel units, each factor floored at ``floor`` pixels
     (``FitConfig.color_diagonal_floor``; 0: the integral as it is)."""
     if floor == 0:  # the expression of the fits before the floor existed, bit for bit
-        return (math.pi * height * width * splats[..., 2] * splats[..., 4]).clamp_min(1e-6)[
-            ..., None
-        ]
+        area = math.pi * height * width * splats[..., 2] * splats[..., 4]
+        return area.clamp_min(1e-6).unsqueeze(-1)
     sigma_x = (width * splats[..., 2]).clamp_min(floor)
     sigma_y = (height * splats[..., 4]).clamp_min(floor)
     return (math.pi * sigma_x * sigma_y).unsqueeze(-1)
