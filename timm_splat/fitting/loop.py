@@ -53,8 +53,8 @@ def fit_batch(targets, cfg: FitConfig, backend, bar, callback, indices):
     splats, rows, cols, sigma = initial_state(targets, cfg, backend)
     floor = cfg.color_diagonal_floor
     splats = solve_colors(splats, targets, cfg.color_solve, backend, floor)
-    # The start's PSNR, the floor of a fit that did not diverge; none for a start above the
-    # budget (init_scale > 1), which pruning down to it may leave below.
+    # The start's PSNR, the least a fit that did not diverge ends with; none for a start above
+    # the budget (init_scale > 1), which pruning down to it may leave below.
     start_quality = torch.full((batch,), -math.inf, device=targets.device)
     if splats.shape[1] <= cfg.num_splats:
         with torch.no_grad():
@@ -184,7 +184,8 @@ def fit_splats(
                 rows = torch.tensor(chunk, device=device)
                 splats[rows, : fitted.shape[1]] = fitted
                 quality[rows], start_quality[rows] = q, q_start
-    if not bool(torch.isfinite(splats).all()):  # host syncs once per call, after the work
+    # The two checks below are the call's only host syncs, after all the work.
+    if not bool(torch.isfinite(splats).all()):
         raise ValueError(
             "the fit diverged (non-finite splats): lower the learning rates (lr_position, "
             "lr_shape, lr_color) or use FitConfig()'s defaults"
