@@ -90,6 +90,8 @@ def test_a_damaged_cost_record_loses_only_the_record(tmp_path, capsys):
         assert "is damaged" in capsys.readouterr().out
     path.write_bytes(b"\xff\xfe")
     assert _read_cost(path) == {}
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert _read_cost(path) == {}
 
 
 def test_paired_differences_and_spreads():

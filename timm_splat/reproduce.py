@@ -219,6 +219,8 @@ def _read_cost(path: Path) -> dict[str, float]:
             return {str(name): float(seconds) for name, seconds in cost.items()}
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSON errors are ValueErrors
         problem = str(exc)
+    except RecursionError:  # json.loads of deeply nested brackets
+        problem = "nested too deeply"
     _log(f"{path} is damaged ({problem}): the time spent before this invocation is not counted")
     return {}
 
