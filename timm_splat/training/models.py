@@ -76,9 +76,10 @@ def build_model(config: TrainConfig, run_dir: Path, teacher, num_classes: int | 
         return model
     previous = stage_one_weights(config, run_dir)
     starts_from_stage_one = previous is not None
+    stage_one_run = json.loads((previous.parent / "run.json").read_text()) if previous else {}
     if starts_from_stage_one and config.task == "classify" and not config.num_latents:
         # Stage 2 builds stage 1's architecture again: its latent count is in its run.json.
-        recorded = json.loads((previous.parent / "run.json").read_text()).get("num_latents")
+        recorded = stage_one_run.get("num_latents")
         if isinstance(recorded, int) and recorded > 0:
             config.num_latents = recorded
     if teacher is not None:  # build_teacher gives none where stage 1's student is the start
@@ -91,7 +92,7 @@ def build_model(config: TrainConfig, run_dir: Path, teacher, num_classes: int | 
         set_local_latents(student, False)
     if starts_from_stage_one:
         # Stage 2 starts where stage 1 ended (a stage-2 checkpoint, if any, overrides later).
-        if json.loads((previous.parent / "run.json").read_text()).get("quick_gelu"):
+        if stage_one_run.get("quick_gelu"):
             set_quick_gelu(student)
         student.load_state_dict(load_file(previous))
     splat_trunk(student).num_splats = config.num_splats
