@@ -344,6 +344,49 @@ def test_stage_two_from_stage_one_does_not_load_the_teacher(stages, tmp_path):
         train(TrainConfig(stage="distill", **dict(config, output=str(tmp_path / "other"))))
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "run.json is missing"),
+        ('{"num_latents": 16, "quick', "not readable JSON"),
+        ("[1, 2]", "holds a list"),
+        ("edit quick_gelu", "quick_gelu must be true or false"),
+        ("edit num_latents", "num_latents = 8, but"),
+    ],
+)
+def test_a_damaged_stage_one_result_stops_stage_two_with_the_way_out(
+    stages, tmp_path, damage, message
+):
+    """Stage 2 builds stage 1's architecture from stage 1's run.json, which it reads as
+    untrusted; running stage distill again rewrites it, and stage 2 then runs."""
+    run = tmp_path / "run"
+    shutil.copytree(stages["student"] / "distill", run / "distill")
+    run_file = run / "distill" / "final" / "run.json"
+    recorded = json.loads(run_file.read_text())
+    if damage == "missing":
+        run_file.unlink()
+    elif damage.startswith("edit "):
+        key = damage.split()[1]
+        run_file.write_text(json.dumps({**recorded, key: {"quick_gelu": "yes"}.get(key, 8)}))
+    else:
+        run_file.write_text(damage)
+    config = dict(
+        model="splat_vit_mini",
+        train_data=str(stages["data"]),
+        output=str(run),
+        teacher="vit_mini_patch7_28",
+        teacher_pretrained=str(stages["teacher"]),
+        max_steps=1,
+        **SMALL,
+    )
+    with pytest.raises(ValueError, match=f"{message}.*run stage distill on this run directory"):
+        train(TrainConfig(stage="finetune", **config))
+    if damage == "missing":  # the way out, shown once: each case of it costs a stage
+        train(TrainConfig(stage="distill", **config))
+        assert json.loads(run_file.read_text())["num_latents"] == recorded["num_latents"]
+        assert train(TrainConfig(stage="finetune", **config))["stage"] == "finetune"
+
+
 def test_a_kill_before_the_top_level_final_is_finished(stages, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(stages["baseline"], run)

@@ -3,7 +3,6 @@ model for stages pixel and baseline), for either task."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -76,7 +75,7 @@ def build_model(config: TrainConfig, run_dir: Path, teacher, num_classes: int | 
         return model
     previous = stage_one_weights(config, run_dir)
     starts_from_stage_one = previous is not None
-    stage_one_run = json.loads((previous.parent / "run.json").read_text()) if previous else {}
+    stage_one_run = _stage_one_run(previous) if previous else {}
     if starts_from_stage_one and config.task == "classify" and not config.num_latents:
         # Stage 2 builds stage 1's architecture again: its latent count is in its run.json.
         recorded = stage_one_run.get("num_latents")
@@ -97,6 +96,25 @@ def build_model(config: TrainConfig, run_dir: Path, teacher, num_classes: int | 
         student.load_state_dict(load_file(previous))
     splat_trunk(student).num_splats = config.num_splats
     return student
+
+
+def _stage_one_run(weights: Path) -> dict:
+    """Stage 1's run.json beside its ``weights``, read as untrusted (resolve_run checks its
+    types and, where the weights' header records them, its model-defining values): stage 2
+    builds stage 1's architecture from it."""
+    run_file = weights.parent / "run.json"
+    if not run_file.is_file():
+        raise ValueError(
+            f"{run_file} is missing, so stage 1's model cannot be built again: run stage "
+            "distill on this run directory again to rewrite it"
+        )
+    try:
+        return resolve_run(weights)[1]
+    except ValueError as exc:
+        raise ValueError(
+            f"stage 1's result cannot be read ({exc}); run stage distill on this run directory "
+            "again to rewrite it"
+        ) from None
 
 
 def _new_model(config: TrainConfig, num_classes: int | None):
