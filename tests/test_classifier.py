@@ -408,6 +408,31 @@ def test_a_kill_before_the_top_level_final_is_finished(stages, tmp_path):
     assert json.loads((run / "final" / "run.json").read_text()) == again
 
 
+@pytest.mark.parametrize("damage", ["[" * 100_000, "[1, 2]", '{"stage": "base'])
+def test_a_damaged_result_of_a_finished_stage_is_written_again(stages, tmp_path, damage):
+    """A finished stage's final/run.json is read back as untrusted: damaged (deeply nested
+    brackets too, which json.loads answers with RecursionError), the stage finishes again from
+    its last checkpoint instead of stopping every resume."""
+    run = tmp_path / "run"
+    shutil.copytree(stages["baseline"], run)
+    written = json.loads((run / "baseline" / "final" / "run.json").read_text())
+    (run / "baseline" / "final" / "run.json").write_text(damage)
+    again = train(
+        TrainConfig(
+            stage="baseline",
+            teacher="vit_mini_patch7_28",
+            teacher_pretrained=str(stages["teacher"]),
+            train_data=MNIST_M,
+            output=str(run),
+            epochs=1,
+            max_steps=3,
+            **SMALL,
+        )
+    )
+    assert again["steps"] == written["steps"]
+    assert json.loads((run / "baseline" / "final" / "run.json").read_text()) == again
+
+
 def test_a_non_finite_loss_stops_the_run_and_writes_nothing(stages, tmp_path):
     run = tmp_path / "nan"
     with pytest.raises(NonFiniteLoss, match="not finite"):

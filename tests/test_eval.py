@@ -126,6 +126,15 @@ def test_classnames_and_templates(tmp_path):
     assert load_classnames("cat, dog") == ["cat", "dog"]
     (tmp_path / "names.json").write_text('["a", "b"]')
     assert load_classnames(str(tmp_path / "names.json")) == ["a", "b"]
+    for text, problem in (
+        ('["a", "b"', "is not readable"),
+        ("[" * 100_000, "is not readable"),
+        ('{"a": 1}', "holds a dict, not a list"),
+        ("7", "holds a int"),
+    ):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=f"class names file .*bad.json {problem}"):
+            load_classnames(str(tmp_path / "bad.json"))
     assert len(load_templates(None)) == 80
     (tmp_path / "t.txt").write_text("a {}.\nthe {c}!\n")
     templates = load_templates([str(tmp_path / "t.txt"), "simple"])

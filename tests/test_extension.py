@@ -53,7 +53,13 @@ def test_find_prebuilt_says_why_not(tmp_path, monkeypatch):
     monkeypatch.delenv("TIMM_SPLAT_NO_PREBUILT", raising=False)
     assert "no prebuilt kernels" in extension.find_prebuilt()[2]
     info = tmp_path / extension.PREBUILT_INFO
-    for text in ("{not json", "[]", '{"devices": ["cpu"]}', '{"library": 3, "devices": "cpu"}'):
+    for text in (
+        "{not json",
+        "[]",
+        '{"devices": ["cpu"]}',
+        '{"library": 3, "devices": "cpu"}',
+        "[" * 100_000,  # json.loads raises RecursionError
+    ):
         info.write_text(text)
         assert "unreadable" in extension.find_prebuilt()[2], text
     info.write_text(json.dumps(record(library="_kernels.so")))

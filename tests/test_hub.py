@@ -332,6 +332,10 @@ def test_damaged_model_folders_name_the_file(saved, run_dir, tmp_path):
             load_clip(str(run))
     (run / "final" / "run.json").write_text(json.dumps({"model": "splat-ViT-test"}))
     weights = run / "final" / "model.safetensors"
+    tensors = load_file(weights)  # its header nested deeply: json.loads raises RecursionError
+    save_file(tensors, weights, metadata={"timm_splat_run": "[" * 100_000})
+    with pytest.raises(ValueError, match="timm_splat_run header is not JSON"):
+        load_clip(str(run))
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors"):
         load_clip(str(run))

@@ -259,6 +259,32 @@ def test_webdataset_tar_captions(tmp_path):
     assert splats.shape == (5, 16, 8) and captions[0] == f"a photo of {photos[0][0]}"
 
 
+def test_webdataset_metadata_is_untrusted(tmp_path, caplog):
+    """A sample's .json that is not JSON, nests too deeply, is not an object or holds a field of
+    the wrong type loses that metadata with a warning; the image and the run go on."""
+    image = _jpeg(next(iter(sample_photos(32).values())))
+    metas = [
+        b"[" * 100_000,
+        b"[1, 2]",
+        b'{"caption": 5, "label": "3"}',
+        b'{"caption": "a cat", "label": 2}',
+        b'{"label": true}',
+    ]
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
+        for i, meta in enumerate(metas):
+            for name, data in ((f"{i:09d}.jpg", image), (f"{i:09d}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    items = list(open_source(str(tmp_path / "shards"), SPLIT).items())
+    kept = [(None, None)] * 3 + [("a cat", 2), (None, None)]
+    assert [(i.caption, i.label) for i in items] == kept
+    assert all(i.image().size == (32, 32) for i in items)
+    assert "recursion" in caplog.text.lower()
+    assert "holds a list" in caplog.text
+
+
 def test_datasets_sources(tmp_path):
     """A local dataset folder with ImageNet's columns, and img2dataset-style parquet files."""
     photos = list(sample_photos(32).values())[:4]

@@ -231,8 +231,13 @@ def _read_list(spec: str, what: str, split_commas: bool = True) -> list[str]:
     if path.suffix in (".txt", ".json") or path.is_file():
         if not path.is_file():
             raise ValueError(f"{what} file {path} does not exist")
-        text = path.read_text()
-        items = json.loads(text) if path.suffix == ".json" else text.splitlines()
+        try:
+            text = path.read_text()
+            items = json.loads(text) if path.suffix == ".json" else text.splitlines()
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{what} file {path} is not readable ({exc})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{what} file {path} holds a {type(items).__name__}, not a list")
     elif split_commas:
         items = spec.split(",")
     else:

@@ -188,7 +188,7 @@ def find_prebuilt() -> tuple[Path | None, dict | None, str]:
         library = _PREBUILT_DIR / Path(str(info["library"])).name
         if not isinstance(info.get("devices"), list):
             raise ValueError("no device list")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         return None, None, f"the prebuilt kernels' record {record} is unreadable ({exc})"
     mismatch = prebuilt_mismatch(info)
     if mismatch:

@@ -247,16 +247,21 @@ def _tar_sample(key: str, group: dict[str, bytes]):
     ext = next((e for e in TAR_IMAGE_EXTENSIONS if e in group), None)
     if ext is None:  # img2dataset writes images only for successes; anything else is no item
         return
+    # Broken metadata should not stop a 100M-image run: keep the image, drop what is broken.
     try:
         meta = json.loads(group["json"]) if "json" in group else {}
-    except ValueError as exc:  # broken metadata should not stop a 100M-image run: keep the image
+    except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested brackets
         logger.warning("webdataset sample %r: unreadable .json (%s)", key, exc)
+        meta = {}
+    if not isinstance(meta, dict):
+        logger.warning("webdataset sample %r: its .json holds a %s", key, type(meta).__name__)
         meta = {}
     if "txt" in group:
         caption = group["txt"].decode("utf-8", errors="replace").strip()
     else:
-        caption = meta.get("caption")
+        caption = meta.get("caption") if isinstance(meta.get("caption"), str) else None
     label = meta.get("label")
+    label = label if isinstance(label, int) and not isinstance(label, bool) else None
     if "cls" in group:
         text = group["cls"].decode("utf-8", errors="replace").strip()
         label = int(text) if text.lstrip("-").isdigit() else None

@@ -113,7 +113,7 @@ def _check_against_weights(run: dict, weights: Path, run_file: Path) -> None:
         return
     try:
         recorded = json.loads(stored)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested brackets
         raise ValueError(f"{weights}: its {RUN_METADATA_KEY} header is not JSON") from None
     changed = [
         k

@@ -58,7 +58,7 @@ class Client:
             raise ValueError(f"{self.host}:{self.port}/info answered {status}: {body[:200]!r}")
         try:
             return json.loads(body)["model"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ValueError(f"{self.host}:{self.port}/info is not a timm-splat service") from exc
 
     def predict(
@@ -86,7 +86,7 @@ class Client:
         status, data, sent, ms = self._request("POST", "/predict", body, headers)
         try:
             answer = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested brackets
             answer = {"detail": data[:200].decode("utf-8", "replace")}
         return status, answer, sent, ms
 

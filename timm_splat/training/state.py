@@ -127,7 +127,7 @@ def finished_result(run) -> dict | None:
     stage_final = run.stage_dir / "final"
     try:
         result = json.loads((stage_final / "run.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: deeply nested brackets
         return None
     if not isinstance(result, dict) or not (stage_final / "model.safetensors").is_file():
         return None
