@@ -10,8 +10,15 @@ from timm_splat import fit_splats, ops, psnr, render_splats, splat_count
 from timm_splat.fitting import PRESETS, FitConfig, initial_splats
 from timm_splat.fitting.initial import adaptive_splats, importance
 from timm_splat.fitting.parameters import raw_to_splats, splats_to_raw
-from timm_splat.fitting.solvers import Adam, _solve2, _solve3, geometry_blocks, solve_colors
-from timm_splat.fitting.topology import prune, relocate
+from timm_splat.fitting.solvers import (
+    Adam,
+    _solve2,
+    _solve3,
+    geometry_blocks,
+    solve_colors,
+    solve_colors_and_error,
+)
+from timm_splat.fitting.topology import prune, relocate, relocate_dimmest
 from timm_splat.images import to_rgb_tensors
 
 FAST = dict(iterations=60, prune_every=10)
@@ -162,12 +169,22 @@ def test_presets():
     assert set(PRESETS) >= {"default", "paper", "adam150", "cg", "cg150", "fast"}
     assert FitConfig.preset("cg").color_step == "cg" and FitConfig.preset("cg").iterations == 150
     assert FitConfig.preset("cg").subsample == 1
-    # The defaults before, pinned: cg150 is today's with full steps only (150 of them) and the
-    # colour diagonal without its floor, adam150 that with Adam on the colours to the end.
+    # The defaults before, pinned: cg150 is today's with full steps only (150 of them), the
+    # colour diagonal without its floor and relocation as it was, adam150 that with Adam on the
+    # colours to the end.
     cg150 = FitConfig.preset("cg150")
     assert cg150 == dataclasses.replace(
-        FitConfig(), iterations=150, subsample=1, color_diagonal_floor=0.0, color_cg_min_splats=600
+        FitConfig(),
+        iterations=150,
+        subsample=1,
+        color_diagonal_floor=0.0,
+        color_cg_min_splats=600,
+        relocate_power=1.0,
+        relocate_guard=0.0,
     )
+    assert (FitConfig().relocate_power, FitConfig().relocate_guard) == (2.0, 4.0)
+    fast = FitConfig.preset("fast")
+    assert (fast.relocate_power, fast.relocate_guard) == (1.0, 0.0)
     adam150 = FitConfig.preset("adam150")
     # (colour CG's settings are the default's there: unused with Adam on the colours)
     minimum = FitConfig().color_cg_min_splats
@@ -279,6 +296,18 @@ def test_colour_solve_matches_least_squares():
     assert excess(solve_colors(splats, target, 3, "reference")) < 0.3 * excess(splats)
 
 
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_colour_solve_tracks_its_error_without_a_render(steps):
+    """The squared error solve_colors_and_error reports (what relocate_guard compares) is the
+    solved splats' render error, and its splats are solve_colors' bit for bit."""
+    target = torch.rand(2, 3, 24, 20, generator=torch.Generator().manual_seed(2))
+    splats = initial_splats(target, 30, FitConfig(num_splats=30))
+    solved, error = solve_colors_and_error(splats, target, steps)
+    assert torch.equal(solved, solve_colors(splats, target, steps))
+    rendered = (ops.render(solved, 24, 20) - target).square().flatten(1).sum(1)
+    torch.testing.assert_close(error, rendered, rtol=1e-4, atol=1e-6)
+
+
 def test_adaptive_init_puts_splats_where_the_image_has_detail():
     target = torch.zeros(2, 3, 64, 64)
     target[:, :, :, 32:] = torch.rand(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))
@@ -306,6 +335,56 @@ def test_relocate_moves_the_dimmest_splats_to_the_error():
     xy = moved[0, 13:, :2] * 32
     assert ((xy[:, 0] > 19) & (xy[:, 0] < 25) & (xy[:, 1] > 3) & (xy[:, 1] < 9)).all()
     assert (moved[0, 13:, 5:] > 0).all()  # colours that cancel the residual
+
+
+def test_relocation_targets_gather_at_the_error_peaks_with_a_power():
+    splats = initial_splats(
+        torch.full((1, 3, 32, 32), 0.5), 16, FitConfig.preset("paper", num_splats=16)
+    )
+    score = torch.arange(16.0).flip(0)[None]
+    residual = torch.zeros(1, 3, 32, 32)
+    residual[..., 4:8, 4:8] = -0.8  # a small strong error
+    residual[..., 16:32, 0:32] = -0.2  # a wide weak one, with twice the energy
+    counts = {}
+    for power in (1.0, 2.0, 3.0):
+        moved, _ = relocate(splats, residual, 8, score, sigma=0.15, power=power)
+        xy = moved[0, 8:, :2] * 32
+        counts[power] = int(((xy[:, 0] < 10) & (xy[:, 1] < 10)).sum())
+    assert counts[1.0] < counts[2.0] <= counts[3.0] and counts[3.0] >= 6, counts
+
+
+def _background_and_dots():
+    """A fit that matches its target closely: one wide dim splat (the background) and six
+    bright dots."""
+    dots = [[0.2 + 0.1 * i, 0.3, 0.03, 0.0, 0.03] + [0.9] * 3 for i in range(6)]
+    background = [0.5, 0.5, 0.6, 0.0, 0.6, 0.12, 0.12, 0.12]
+    splats = torch.tensor([[background] + dots])
+    targets = ops.render(splats, 32, 32) + 0.01
+    return splats, targets
+
+
+@pytest.mark.parametrize("guard", [0.0, 4.0])
+def test_a_relocation_that_ruins_an_image_is_undone(guard):
+    """The dimmest splat by luminance can be the one the whole image leans on (a wide dim
+    background): moving it costs 20 dB here, so the guard keeps the image's splats and optimiser
+    state as they were; a useless dim dot still moves."""
+    cfg = FitConfig(relocate_fraction=0.1, relocate_guard=guard)  # one splat of seven moves
+    splats, targets = _background_and_dots()
+    for useless in (False, True):
+        current = splats.clone()
+        if useless:  # a dot that lost its colour: now the dimmest, and of no use
+            current[0, 1, 5:] = 1e-3
+        raw, live = splats_to_raw(current), torch.ones(1, 7, 1)
+        adam = Adam(raw, torch.full((8,), 0.01))
+        adam.m, adam.v = torch.rand_like(raw), torch.rand_like(raw)
+        moments = adam.m.clone(), adam.v.clone()
+        residual = ops.render(current, 32, 32) - targets
+        new_raw, new_live = relocate_dimmest(raw, live, adam, residual, targets, cfg, "auto")
+        moved = not torch.equal(new_raw[0, :, :5], raw[0, :, :5])
+        assert moved == (useless or not guard), (useless, guard)
+        if not moved:
+            assert torch.equal(new_raw, raw) and torch.equal(new_live, live)
+            assert torch.equal(adam.m, moments[0]) and torch.equal(adam.v, moments[1])
 
 
 def test_a_diverging_fit_raises_instead_of_returning_garbage():

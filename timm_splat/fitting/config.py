@@ -39,6 +39,12 @@ class FitConfig:
     relocate_fraction: float = 0.2  # share of the splats moved per relocation
     relocate_sigma: float = 0.15  # std-dev of a moved splat, in mean splat spacings
     relocate_solve: int = 1  # CG steps of the colour solve after each relocation
+    # Relocation targets are drawn from the residual energy to this power (1: in proportion to
+    # it; 2: more at its peaks, docs/fitting.md row 69).
+    relocate_power: float = 2.0
+    # An image that a relocation leaves more than this many dB worse keeps its splats as they
+    # were (row 70; read off the colour solve after it, so no render); 0: no check.
+    relocate_guard: float = 4.0
     final_solve: int = 3  # CG steps of the colour solve after the last Adam step (0: none)
     # Steps through the .splat codec's quantiser at its default grids (codec_refine): the
     # splats decode(encode(...)) returns are what is optimised; 0: none (float splats).
@@ -109,6 +115,8 @@ class FitConfig:
             "relocate_fraction": 0 <= self.relocate_fraction <= 1,
             "relocate_sigma": 0 < self.relocate_sigma <= 10,
             "relocate_solve": self.relocate_solve >= 0,
+            "relocate_power": 0 < self.relocate_power <= 8,
+            "relocate_guard": self.relocate_guard >= 0,
             "final_solve": self.final_solve >= 0,
             "codec_steps": self.codec_steps >= 0,
             "subsample": self.subsample >= 1,
@@ -167,6 +175,8 @@ PRESETS: dict[str, dict] = {
         color_cg_start_dense=0.5,
         color_cg_render_every=1,
         color_diagonal_floor=0.0,
+        relocate_power=1.0,
+        relocate_guard=0.0,
     ),
     "adam150": dict(
         iterations=150,
@@ -197,6 +207,8 @@ PRESETS: dict[str, dict] = {
         color_step="adam",
         subsample=1,
         color_diagonal_floor=0.0,
+        relocate_power=1.0,
+        relocate_guard=0.0,
     ),
     "paper": dict(
         iterations=600,
@@ -227,12 +239,16 @@ PRESETS: dict[str, dict] = {
 # relocating every 5 steps without a colour solve (colour CG, from 10% of the steps, solves
 # them as it goes). adam150's PSNR from ~3000 splats at 224x224 (N=3136: +0.1 / +0.5 dB on the
 # tuning / held-out photos at 0.33x, row 58); below that 0.8-1.3 dB under it. Over the
-# default, so it follows the default's other fields.
+# default, so it follows the default's other fields, but for the relocation targets and guard
+# of rows 69-70 (measured on the default only; with no colour solve after its relocations, the
+# guard would cost a render each).
 PRESETS["fast"] = dict(
     iterations=80,
     subsample_end=1.0,
     relocate_every=5,
     relocate_solve=0,
+    relocate_power=1.0,
+    relocate_guard=0.0,
     color_cg_start=0.1,
     color_cg_start_dense=0.1,
 )
@@ -254,11 +270,14 @@ PRESETS["cg150"] = {
 # Fields whose default is not the value fits had before the field existed: a pre-fitted
 # dataset whose stored settings lack one of them was fitted with the value here (data/prefit.py
 # resumes it only under that value). The colours were Adam's until color_step existed, every
-# step rendered every row until subsample existed, and the colour diagonal had no floor.
+# step rendered every row until subsample existed, the colour diagonal had no floor, and
+# relocation drew its targets in proportion to the residual energy, unchecked.
 VALUES_BEFORE_THEY_EXISTED: dict[str, object] = {
     "color_step": "adam",
     "subsample": 1,
     "color_diagonal_floor": 0.0,
+    "relocate_power": 1.0,
+    "relocate_guard": 0.0,
 }
 
 

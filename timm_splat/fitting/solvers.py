@@ -49,6 +49,14 @@ class Adam:
         self.m.scatter_(1, rows, 0.0)
         self.v.scatter_(1, rows, 0.0)
 
+    def state(self):
+        return self.m.clone(), self.v.clone()
+
+    def restore(self, images: torch.Tensor, state):
+        """Take ``state`` (of :meth:`state`) back for the images where ``images [B]`` holds."""
+        keep = images.view(-1, 1, 1)
+        self.m, self.v = (torch.where(keep, old, new) for old, new in zip(state, (self.m, self.v)))
+
 
 def colour_diagonal(splats: torch.Tensor, height: int, width: int, floor: float) -> torch.Tensor:
     """diag(A^T A) of the colour problem, ``[B, n, 1]``: a Gaussian's squares summed over the
@@ -76,6 +84,19 @@ def solve_colors(
     preconditioner's splat extents (:func:`colour_diagonal`)."""
     if steps <= 0:
         return splats
+    return solve_colors_and_error(splats, targets, steps, backend, floor)[0]
+
+
+def solve_colors_and_error(
+    splats: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    backend: str = "auto",
+    floor: float = DIAGONAL_FLOOR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`solve_colors` (the same bits), and the squared error ``[B]`` of the solved splats'
+    render, with no render of its own: each step lowers the error by 2 a p.g - a^2 |A p|^2
+    (``steps`` 0: the error of ``splats`` as they are)."""
     _, _, height, width = targets.shape
     geometry = splats[..., :5]
     inv_diag = 1 / colour_diagonal(splats, height, width, floor)
@@ -88,22 +109,28 @@ def solve_colors(
 
     colors = splats[..., 5:]
     full = torch.cat([geometry, colors], -1)
-    residual = ops.render_vjp(
-        full, targets - ops.render(full, height, width, backend), height, width, backend
-    )[..., 5:]  # A^T (b - A x), [B, n, 3]
+    image_residual = targets - ops.render(full, height, width, backend)
+    error = total(image_residual.square().flatten(1))
+    if steps <= 0:
+        return splats, error
+    # A^T (b - A x), [B, n, 3]
+    residual = ops.render_vjp(full, image_residual, height, width, backend)[..., 5:]
     z = residual * inv_diag
     p = z
     rz = total(residual * z)  # [B, 3]: one system per image and channel
     for _ in range(steps):
         q = normal(p)
-        alpha = rz / total(p * q).clamp_min(1e-20)
+        pq = total(p * q)
+        alpha = rz / pq.clamp_min(1e-20)
+        drop = 2 * alpha * total(p * residual) - alpha.square() * pq  # [B, 3]
+        error = error - total(drop)
         colors = colors + alpha.unsqueeze(1) * p
         residual = residual - alpha.unsqueeze(1) * q
         z = residual * inv_diag
         rz_new = total(residual * z)
         p = z + (rz_new / rz.clamp_min(1e-20)).unsqueeze(1) * p
         rz = rz_new
-    return torch.cat([geometry, colors], -1)
+    return torch.cat([geometry, colors], -1), error
 
 
 def geometry_blocks(splats: torch.Tensor, height: int, width: int):
@@ -210,6 +237,12 @@ class GaussNewton:
         rows measured 0.9 dB worse at N=400)."""
         self.velocity.zero_()
 
+    def state(self):
+        return self.velocity.clone()
+
+    def restore(self, images: torch.Tensor, state):
+        self.velocity = torch.where(images.view(-1, 1, 1), state, self.velocity)
+
 
 class ColourCG:
     """Colour steps by nonlinear conjugate gradients on the squared error
@@ -266,6 +299,12 @@ class ColourCG:
     def reset(self, index: torch.Tensor):
         self.gather(index)
 
+    def state(self):
+        return None
+
+    def restore(self, images: torch.Tensor, state):
+        pass  # the relocation restarted CG for every image; a kept image loses nothing by it
+
 
 class Steps:
     """The optimisers of one fit, stepped together and kept aligned with the splats when
@@ -297,6 +336,14 @@ class Steps:
     def reset(self, index: torch.Tensor):
         for optimiser in self.followers:
             optimiser.reset(index)
+
+    def state(self):
+        """What :meth:`restore` takes back (before a relocation that may be undone)."""
+        return [optimiser.state() for optimiser in self.followers]
+
+    def restore(self, images: torch.Tensor, state):
+        for optimiser, kept in zip(self.followers, state):
+            optimiser.restore(images, kept)
 
 
 def make_steps(cfg: FitConfig, raw: torch.Tensor, lr: torch.Tensor, size, backend: str) -> Steps:
