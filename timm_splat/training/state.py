@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoints import resume_checkpoint, save_checkpoint
-from ..models.factory import run_metadata
+from ..models.factory import resolve_run, run_metadata
 
 START = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
 
@@ -123,13 +123,18 @@ def publish(source: Path, final: Path) -> None:
 def finished_result(run) -> dict | None:
     """A finished stage's run.json, after finishing what a kill left undone: a run killed
     between ``<stage>/final`` and ``<run>/final`` gets its top-level ``final/`` now (when this
-    stage is the newest finished one)."""
+    stage is the newest finished one). None where there is none, or it is damaged or edited:
+    the stage then finishes again from its last checkpoint and writes it anew."""
     stage_final = run.stage_dir / "final"
     try:
         result = json.loads((stage_final / "run.json").read_text())
     except (OSError, ValueError, RecursionError):  # RecursionError: deeply nested brackets
         return None
     if not isinstance(result, dict) or not (stage_final / "model.safetensors").is_file():
+        return None
+    try:  # what builds the model again: its types, and its values against the weights' header
+        resolve_run(stage_final / "model.safetensors")
+    except ValueError:
         return None
     top = run.run_dir / "final"
     if run.accelerator.is_main_process and not (top / "run.json").is_file():
