@@ -7,12 +7,13 @@ Prints a short table last and writes the full log to ``--out`` (default ``$OUT``
 
 Measured (issue 23, items 1 and 3): correctness of both kernels (forward values and backward
 gradients, fp32, relative error < 1e-4, fresh random inputs, outputs poisoned first); images/s
-and PSNR of the default fitter and the paper preset for N = 400 / 1600 / 3136 and batches 256 to
-4096, each at its own iteration count; images/s to a target PSNR; GPU utilisation during a fit
-(NVML, as nvidia-smi); peak GPU memory per image; a per-image loop of the same fit as the
-baseline. Then, when open_clip imports: training steps/s (bf16 autocast, AdamW, open_clip's
-ClipLoss) of splat-ViT-B-16 from pre-fitted splats and from pixels through the in-model fit,
-against open_clip's ViT-B-16 on pixels, with peak memory, and zero-shot eval images/s.
+and PSNR of the default fitter, the fast preset and the paper preset for N = 400 / 1600 / 3136
+and batches 256 to 4096, each at its own iteration count; images/s to a target PSNR; GPU
+utilisation during a fit (NVML, as nvidia-smi); peak GPU memory per image; a per-image loop of
+the same fit as the baseline. Then, when open_clip imports: training steps/s (bf16 autocast,
+AdamW, open_clip's ClipLoss) of splat-ViT-B-16 from pre-fitted splats and from pixels through
+the in-model fit, against open_clip's ViT-B-16 on pixels, with peak memory, and zero-shot eval
+images/s.
 
 The GPU machine has no open_clip: carry its wheels (the script prints the commands when it is
 missing; ``--dry-run`` prints them with this machine's versions):
@@ -483,7 +484,7 @@ def main():
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--budgets", type=int, nargs="+", default=[400, 1600, 3136])
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
-    parser.add_argument("--presets", nargs="+", default=["default", "paper"])
+    parser.add_argument("--presets", nargs="+", default=["default", "fast", "paper"])
     parser.add_argument(
         "--iterations", type=int, help="fit steps for every preset (default: each preset's own)"
     )
