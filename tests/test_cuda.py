@@ -44,8 +44,8 @@ def test_cuda_fit_matches_cpu_fit(astronaut_64):
 
 
 # Every stage of today's fitters on CUDA: from 400 splats the colours switch to colour CG, the
-# relocation guard restores state per image, the fast preset subsamples every step. On the
-# CPU the kernels and the reference renderer end these fits 0.02-0.09 dB apart (float32
+# relocation guard picks per image between two states, the fast preset subsamples every step.
+# On the CPU the kernels and the reference renderer end such fits 0.02-0.09 dB apart (float32
 # rounding that the fit amplifies), so CUDA must land as close to the CPU.
 @pytest.mark.parametrize(
     "preset, overrides",
