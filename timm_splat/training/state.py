@@ -126,14 +126,13 @@ def finished_result(run) -> dict | None:
     stage is the newest finished one). None where there is none, or it is damaged or edited:
     the stage then finishes again from its last checkpoint and writes it anew."""
     stage_final = run.stage_dir / "final"
+    weights = stage_final / "model.safetensors"
+    if not ((stage_final / "run.json").is_file() and weights.is_file()):
+        return None
+    # Read once, as untrusted: unreadable or not an object, its types, and what builds the
+    # model again against the weights' header.
     try:
-        result = json.loads((stage_final / "run.json").read_text())
-    except (OSError, ValueError, RecursionError):  # RecursionError: deeply nested brackets
-        return None
-    if not isinstance(result, dict) or not (stage_final / "model.safetensors").is_file():
-        return None
-    try:  # what builds the model again: its types, and its values against the weights' header
-        resolve_run(stage_final / "model.safetensors")
+        result = resolve_run(weights)[1]
     except ValueError:
         return None
     top = run.run_dir / "final"
