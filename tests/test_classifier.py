@@ -387,11 +387,9 @@ def test_a_damaged_stage_one_result_stops_stage_two_with_the_way_out(
         assert train(TrainConfig(stage="finetune", **config))["stage"] == "finetune"
 
 
-def test_a_kill_before_the_top_level_final_is_finished(stages, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(stages["baseline"], run)
-    shutil.rmtree(run / "final")
-    again = train(
+def _train_baseline_again(run, stages):
+    """Stage baseline on ``run``, a copy of the finished stages' run directory."""
+    return train(
         TrainConfig(
             stage="baseline",
             teacher="vit_mini_patch7_28",
@@ -403,6 +401,13 @@ def test_a_kill_before_the_top_level_final_is_finished(stages, tmp_path):
             **SMALL,
         )
     )
+
+
+def test_a_kill_before_the_top_level_final_is_finished(stages, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stages["baseline"], run)
+    shutil.rmtree(run / "final")
+    again = _train_baseline_again(run, stages)
     assert again["stage"] == "baseline"
     assert (run / "final" / "model.safetensors").is_file()
     assert json.loads((run / "final" / "run.json").read_text()) == again
@@ -417,18 +422,7 @@ def test_a_damaged_result_of_a_finished_stage_is_written_again(stages, tmp_path,
     shutil.copytree(stages["baseline"], run)
     written = json.loads((run / "baseline" / "final" / "run.json").read_text())
     (run / "baseline" / "final" / "run.json").write_text(damage)
-    again = train(
-        TrainConfig(
-            stage="baseline",
-            teacher="vit_mini_patch7_28",
-            teacher_pretrained=str(stages["teacher"]),
-            train_data=MNIST_M,
-            output=str(run),
-            epochs=1,
-            max_steps=3,
-            **SMALL,
-        )
-    )
+    again = _train_baseline_again(run, stages)
     assert again["steps"] == written["steps"]
     assert json.loads((run / "baseline" / "final" / "run.json").read_text()) == again
 
