@@ -4,7 +4,8 @@ was tuned on them) and the held-out photos (never used for tuning), per budget.
 A variant is ``name=preset[,field=value,...]`` over a preset of ``timm_splat.fitting.PRESETS``.
 The first variant is the reference: every row prints its wall time as a ratio to the reference's
 time on the same photos and budget, measured in the same run. Runs are interleaved (per budget
-and photo set, every variant in turn), so load from other jobs hits all of them alike.
+and photo set, every variant in turn), so load from other jobs hits all of them alike; the
+reference is fitted once, untimed, before any timing, so no variant pays the process's warm-up.
 
     python benchmarks/fit_lab.py                                  # paper vs default, 4 budgets
     python benchmarks/fit_lab.py --budgets 400 --sets tune --photos 4 \\
