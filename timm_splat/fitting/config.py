@@ -236,16 +236,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# The other operating point of today's algorithm (docs/fitting.md row 56): a third of adam150's
-# CPU time and rendered pixels. 80 steps, every one but the relocations' on every second row,
-# relocating every 5 steps without a colour solve (colour CG, from 10% of the steps, solves
-# them as it goes). adam150's PSNR from ~3000 splats at 224x224 (N=3136: +0.1 / +0.5 dB on the
-# tuning / held-out photos at 0.33x, row 58); below that 0.8-1.3 dB under it. Over the
-# default, so it follows the default's other fields, but for the relocation targets and guard
-# of rows 69-70 (measured on the default only; with no colour solve after its relocations, the
-# guard would cost a render each).
+# The other operating point of today's algorithm (docs/fitting.md rows 56, 89): a third of
+# adam150's rendered pixels and, from ~3000 splats at 224x224, of its CPU time. 76 steps, every
+# one but the relocations' on every second row, relocating every 5 steps without a colour solve
+# (colour CG, from 10% of the steps, solves them as it goes); so few steps want faster shapes
+# and a higher floor under the rate decay (row 89). adam150's PSNR from ~3000 splats (N=3136:
+# +0.2 / +0.5 dB on the tuning / held-out photos at 0.33x); below that 0.7-1.0 dB under it.
+# Over the default, so it follows the default's other fields, but for the relocation targets and
+# guard of rows 69-70 (measured on the default only; with no colour solve after its relocations,
+# the guard would cost a render each).
 PRESETS["fast"] = dict(
-    iterations=80,
+    iterations=76,
     subsample_end=1.0,
     relocate_every=5,
     relocate_solve=0,
@@ -253,6 +254,8 @@ PRESETS["fast"] = dict(
     relocate_guard=0.0,
     color_cg_start=0.1,
     color_cg_start_dense=0.1,
+    lr_shape=0.25,
+    lr_final=0.2,
 )
 
 
