@@ -12,9 +12,10 @@ the splats of a real fit (``--fit-iterations`` iterations of ``fit_splats``; 0 s
    A fitting iteration's kernel work is one ``render_forward`` and one ``render_backward`` of the
    residual; old and new run interleaved, ``--repeats`` times, and the medians are compared.
    Printed in ms per image-iteration (wall time divided by the batch).
-2. ``--callgrind``: instructions executed by the kernel calls (valgrind's callgrind, one thread,
+2. With more than one torch thread: the new kernel on one thread against all of them.
+3. ``--callgrind``: instructions executed by the kernel calls (valgrind's callgrind, one thread,
    one forward + backward of the batch per library), deterministic whatever the machine's load.
-3. One fitting iteration (forward + backward + MSE through autograd) with the kernel against the
+4. One fitting iteration (forward + backward + MSE through autograd) with the kernel against the
    dense reference (the goal of the first CPU kernel: at least 30x).
 """
 
@@ -64,7 +65,8 @@ def baseline_ops(commit: str, verbose: bool = False):
     cpp_extension.load(
         name="timm_splat_base_cpu",
         sources=[str(src / "ops.cpp"), str(src / "render_cpu.cpp")],
-        extra_cflags=["-O3", "-ffast-math", "-Dtimm_splat=timm_splat_base"],
+        # The same flags as the new kernel's (OpenMP included), so both use the same threads.
+        extra_cflags=[*extension.CXX_FLAGS, "-Dtimm_splat=timm_splat_base"],
         extra_include_paths=[str(src)],
         build_directory=str(build),
         is_python_module=False,
@@ -230,6 +232,23 @@ def main():
             f"{name:9s} new - old, relative to the largest value: image {image_diff:.1e}, "
             f"gradient {grad_diff:.1e}"
         )
+
+    threads = torch.get_num_threads()
+    if threads > 1:  # the new kernel on one thread against all of torch's, same inputs
+        libs_new = {"new": torch.ops.timm_splat}
+        print(f"threads: the new kernel on 1 and on {threads}, ms per image-iteration")
+        for name, (splats, targets) in data.items():
+            per_count = {}
+            for count in (1, threads):
+                torch.set_num_threads(count)
+                kernel_times(libs_new, splats, targets, 2)
+                per_count[count] = sum(kernel_times(libs_new, splats, targets, args.repeats)["new"])
+            torch.set_num_threads(threads)
+            one, many = (per_count[c] / args.batch * 1e3 for c in (1, threads))
+            print(
+                f"{name:9s} 1 thread {one:7.3f}  {threads} threads {many:7.3f}  "
+                f"{one / many:.2f}x faster"
+            )
 
     if args.callgrind:
         print("instructions per image-iteration (callgrind, 1 thread)")

@@ -197,3 +197,11 @@ def test_timm_splat_build_says_when_the_prebuilt_kernels_fit(tmp_path, monkeypat
     # Asking for CUDA kernels a CPU-only wheel lacks compiles them (here: refused, no toolkit).
     monkeypatch.setattr(extension, "build", lambda **kw: (_ for _ in ()).throw(RuntimeError("x")))
     assert build_command.run(SimpleNamespace(cuda=True, verbose=False)) == 1
+
+
+@pytest.mark.skipif(not extension.OPENMP_FLAGS, reason="OpenMP builds on Linux torch only")
+def test_the_cpu_kernels_run_on_torchs_threads(cpu_library):
+    # at::parallel_for is compiled into the library: built without -fopenmp it runs its loop on
+    # one thread, silently (the kernels did until 2026-12-07; thread-count invariance of the
+    # results is tests/test_render.py's). With OpenMP the library calls the runtime torch loads.
+    assert b"GOMP_parallel" in cpu_library

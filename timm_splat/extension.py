@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -34,7 +35,13 @@ CPU_SOURCES = ("ops.cpp", "render_cpu.cpp")
 CUDA_SOURCES = CPU_SOURCES + ("render_cuda.cu",)
 # Fast math, but NaN and infinity keep their meaning: the bounding-box test rejects non-finite
 # splats by comparisons that -ffinite-math-only may fold away. (torch picks the C++ standard.)
-CXX_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only"]
+# OpenMP: at::parallel_for, which spreads the CPU kernels over torch's threads, is a header
+# template compiled into this library; without -fopenmp its parallel region is dropped and the
+# kernels ran on one thread whatever torch.set_num_threads said. Its calls resolve to the OpenMP
+# runtime libtorch loads (GNU's on Linux; other platforms keep one thread).
+_OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+OPENMP_FLAGS = ["-fopenmp"] if _OPENMP else []
+CXX_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", *OPENMP_FLAGS]
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 # First-use compiles: Hopper SASS plus PTX for the oldest GPU CUDA 13 supports, which the driver
 # JIT-compiles for any newer GPU. Wheels: see wheel_cuda_archs. TORCH_CUDA_ARCH_LIST overrides.
