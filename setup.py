@@ -86,12 +86,13 @@ def kernel_build() -> dict:
 
     sources = [f"csrc/{name}" for name in (ext.CUDA_SOURCES if cuda else ext.CPU_SOURCES)]
     kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    cxx_flags = ext.cxx_flags()
     library = kind(
         LIBRARY,
         sources,
         include_dirs=[str(ROOT / "csrc")],
         # -g0: no debug info (setuptools passes Python's -g), a few MB less per wheel.
-        extra_compile_args={"cxx": [*ext.CXX_FLAGS, "-g0"], "nvcc": ext.NVCC_FLAGS},
+        extra_compile_args={"cxx": [*cxx_flags, "-g0"], "nvcc": ext.NVCC_FLAGS},
     )
     info = {
         "torch": torch.__version__,
@@ -99,6 +100,7 @@ def kernel_build() -> dict:
         "cuda": torch.version.cuda if cuda else None,
         "devices": ["cpu", "cuda"] if cuda else ["cpu"],
         "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if cuda else None,
+        "cxx_flags": cxx_flags,
     }
 
     class BuildKernels(cpp_extension.BuildExtension):

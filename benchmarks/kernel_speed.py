@@ -66,7 +66,7 @@ def baseline_ops(commit: str, verbose: bool = False):
         name="timm_splat_base_cpu",
         sources=[str(src / "ops.cpp"), str(src / "render_cpu.cpp")],
         # The same flags as the new kernel's (OpenMP included), so both use the same threads.
-        extra_cflags=[*extension.CXX_FLAGS, "-Dtimm_splat=timm_splat_base"],
+        extra_cflags=[*extension.cxx_flags(), "-Dtimm_splat=timm_splat_base"],
         extra_include_paths=[str(src)],
         build_directory=str(build),
         is_python_module=False,

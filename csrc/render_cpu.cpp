@@ -7,7 +7,7 @@
 //
 // Parallelism comes from ATen's thread pool (OpenMP in the PyTorch builds), so the kernels obey
 // torch.set_num_threads and never oversubscribe the cores torch already uses. at::parallel_for
-// is a header template: this file must be compiled with -fopenmp (extension.CXX_FLAGS) or it
+// is a header template: this file must be compiled with -fopenmp (extension.cxx_flags()) or it
 // runs serially. Work items are handed out through an atomic counter: bands and splats vary
 // wildly in cost, and a static split would leave cores idle. Every output element has one writer
 // and a fixed order of additions, so results are bitwise reproducible whatever the thread count

@@ -199,9 +199,24 @@ def test_timm_splat_build_says_when_the_prebuilt_kernels_fit(tmp_path, monkeypat
     assert build_command.run(SimpleNamespace(cuda=True, verbose=False)) == 1
 
 
-@pytest.mark.skipif(not extension.OPENMP_FLAGS, reason="OpenMP builds on Linux torch only")
+@pytest.mark.skipif(
+    "-fopenmp" not in extension.cxx_flags(), reason="OpenMP builds: Linux, GCC, torch with OpenMP"
+)
 def test_the_cpu_kernels_run_on_torchs_threads(cpu_library):
     # at::parallel_for is compiled into the library: built without -fopenmp it runs its loop on
     # one thread, silently (the kernels did until 2026-12-07; thread-count invariance of the
     # results is tests/test_render.py's). With OpenMP the library calls the runtime torch loads.
     assert b"GOMP_parallel" in cpu_library
+
+
+def test_openmp_only_where_the_runtime_is_torchs(monkeypatch):
+    # Another compiler's -fopenmp calls its own runtime, which libtorch does not load.
+    cpp_extension = extension._import_cpp_extension()
+    monkeypatch.setattr(cpp_extension, "check_compiler_is_gcc", lambda compiler: False)
+    assert extension.cxx_flags() == extension.CXX_FLAGS
+    monkeypatch.setattr(cpp_extension, "check_compiler_is_gcc", lambda compiler: True)
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
+    monkeypatch.setattr(extension.sys, "platform", "linux")
+    assert extension.cxx_flags() == [*extension.CXX_FLAGS, "-fopenmp"]
+    monkeypatch.setattr(extension.sys, "platform", "darwin")
+    assert extension.cxx_flags() == extension.CXX_FLAGS

@@ -3,8 +3,10 @@ checkout with no compiler reachable (TIMM_SPLAT_WHEEL_TEST=1; skipped elsewhere)
 load from the wheel, nothing is compiled, and the CUDA ones are in the library (compiled, not
 verified: CI has no GPU)."""
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,15 @@ def test_the_wheel_carries_the_cuda_kernels_when_torch_has_cuda():
     assert devices == ["cpu", "cuda"]
     for op in ("timm_splat::render_forward", "timm_splat::render_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+def test_the_wheels_cpu_kernels_run_on_torchs_threads():
+    # Wheels are built on Linux with GCC, so with OpenMP (extension.cxx_flags): the library
+    # calls the runtime libtorch loads, and the kernels use torch's threads.
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        pytest.skip("OpenMP kernels: Linux with a torch built with OpenMP")
+    assert extension.load(), extension.backend()
+    library = Path(extension._state["built"]["library"])
+    record = json.loads((library.parent / extension.PREBUILT_INFO).read_text())
+    assert "-fopenmp" in record["cxx_flags"]
+    assert b"GOMP_parallel" in library.read_bytes()

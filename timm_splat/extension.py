@@ -35,13 +35,8 @@ CPU_SOURCES = ("ops.cpp", "render_cpu.cpp")
 CUDA_SOURCES = CPU_SOURCES + ("render_cuda.cu",)
 # Fast math, but NaN and infinity keep their meaning: the bounding-box test rejects non-finite
 # splats by comparisons that -ffinite-math-only may fold away. (torch picks the C++ standard.)
-# OpenMP: at::parallel_for, which spreads the CPU kernels over torch's threads, is a header
-# template compiled into this library; without -fopenmp its parallel region is dropped and the
-# kernels ran on one thread whatever torch.set_num_threads said. Its calls resolve to the OpenMP
-# runtime libtorch loads (GNU's on Linux; other platforms keep one thread).
-_OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
-OPENMP_FLAGS = ["-fopenmp"] if _OPENMP else []
-CXX_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", *OPENMP_FLAGS]
+# cxx_flags() adds OpenMP where it can.
+CXX_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only"]
 NVCC_FLAGS = ["-O3", "--use_fast_math"]
 # First-use compiles: Hopper SASS plus PTX for the oldest GPU CUDA 13 supports, which the driver
 # JIT-compiles for any newer GPU. Wheels: see wheel_cuda_archs. TORCH_CUDA_ARCH_LIST overrides.
@@ -50,6 +45,20 @@ DEFAULT_CUDA_ARCHS = "7.5+PTX;9.0"
 # render forward + backward, N=400, 224x224, batch 64, one CPU thread; docs/benchmarks.md).
 REFERENCE_SLOWDOWN = "about 800x"
 _log = logging.getLogger("timm_splat")
+
+
+def cxx_flags() -> list[str]:
+    """The C++ flags of the kernel library: CXX_FLAGS, and -fopenmp on Linux when torch has
+    OpenMP and the compiler is GCC. at::parallel_for, which spreads the CPU kernels over torch's
+    threads, is a header template compiled into the library: without -fopenmp its parallel
+    region is dropped and the kernels run on one thread whatever torch.set_num_threads says.
+    Its calls go to the GNU OpenMP runtime libtorch loads; another compiler's -fopenmp would
+    call its own runtime, so elsewhere the kernels keep one thread."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        cpp_extension = _import_cpp_extension()
+        if cpp_extension.check_compiler_is_gcc(cpp_extension.get_cxx_compiler()):
+            return [*CXX_FLAGS, "-fopenmp"]
+    return list(CXX_FLAGS)
 
 
 def wheel_cuda_archs() -> str:
@@ -145,7 +154,7 @@ def build(verbose: bool = False, cuda: bool | None = None) -> dict:
     cpp_extension.load(
         name=name,
         sources=[str(src / f) for f in (CUDA_SOURCES if cuda else CPU_SOURCES)],
-        extra_cflags=CXX_FLAGS,
+        extra_cflags=cxx_flags(),
         extra_cuda_cflags=NVCC_FLAGS,
         extra_include_paths=[str(src)],
         build_directory=str(out),
