@@ -139,3 +139,22 @@ def test_mutated_shards(tmp_path_factory, shard_bytes, flips, cut):
     except ValueError:
         return
     check_splats(batch[0])
+
+
+def test_a_shard_with_damaged_features_metadata(tmp_path, shard_bytes):
+    # Hypothesis found it: a flipped byte left the datasets features JSON well-formed but one
+    # feature a bare string, and datasets raised AttributeError while parsing it.
+    import json
+
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    good = tmp_path / "good.parquet"
+    good.write_bytes(shard_bytes)
+    table = pq.read_table(good)
+    meta = json.loads(table.schema.metadata[b"huggingface"])
+    meta["info"]["features"]["label"] = "int64"
+    table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
+    pq.write_table(table, tmp_path / "data" / "validation-00000-00000.parquet")
+    with pytest.raises(ValueError, match="unreadable features"):
+        load_prefit(tmp_path, "validation", cache_dir=str(tmp_path / "cache"))

@@ -301,10 +301,10 @@ def _splats_per_row(schema, file: Path) -> int:
 
     if "splats" not in schema.names:
         raise ValueError(f"{file} has no 'splats' column: not a pre-fitted shard")
-    try:
+    try:  # datasets parses the shard's own JSON; damaged, it fails in many ways
         column = Features.from_arrow_schema(schema)["splats"]
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{file}: unreadable features ({exc})") from exc
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
+        raise ValueError(f"{file}: unreadable features ({type(exc).__name__}: {exc})") from exc
     bad = ValueError(
         f"{file}: 'splats' is {column}, not float splats [N, {SPLAT_CHANNELS}] with "
         f"1 <= N <= {MAX_SPLATS_PER_ROW}"
