@@ -789,3 +789,15 @@ def test_fit_options_added_later_at_their_defaults_still_resume(tmp_path):
     assert "'subsample': 1" in str(refused.value)
     adam_rows = dict(color_step="adam", subsample=1)
     assert prefit(MNIST, tmp_path, limit=10, **adam_rows, **options)["rows"] == 10
+
+
+def test_the_card_names_a_damaged_shard(image_folder, tmp_path):
+    from timm_splat.data import write_card
+    from timm_splat.data.journal import PrefitError
+
+    out = tmp_path / "out"
+    assert main(run_args(image_folder, out, "--limit", "3", "--iterations", "5")) == 0
+    shard = next((out / "data").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short after the run finished
+    with pytest.raises(PrefitError, match="not a readable pre-fitted shard.*delete it"):
+        write_card(out)

@@ -47,12 +47,35 @@ def _describe_source(run: dict) -> tuple[str, str, bool]:
     return short, f"{what.get(kind, 'the local dataset')} `{short}`", False
 
 
+def _label_feature(shard: Path):
+    """The ``label`` feature a shard's datasets metadata declares (the card lists class names
+    from it). The shard was written by a run, but is read back as untrusted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Features
+
+    try:
+        return Features.from_arrow_schema(pq.read_schema(shard))["label"]
+    except (
+        OSError,
+        pa.ArrowException,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        RecursionError,
+    ) as exc:
+        raise PrefitError(
+            f"{shard} is not a readable pre-fitted shard ({type(exc).__name__}: {exc}); delete "
+            "it and run the same prefit command again to rewrite it"
+        ) from exc
+
+
 def write_card(out: str | Path, repo_id: str | None = None) -> Path:
     """(Re)write ``out/README.md`` from ``hub/dataset_card.md``, the run settings and every
     finished split's statistics; its YAML ``configs`` let the Hub viewer and
     ``datasets.load_dataset`` find each split (any split name)."""
-    import pyarrow.parquet as pq
-    from datasets import Features
     from huggingface_hub import DatasetCard, DatasetCardData
 
     from ..version import __version__
@@ -82,7 +105,7 @@ def write_card(out: str | Path, repo_id: str | None = None) -> Path:
     height, width = settings["image_size"]
     num_splats = settings["num_splats"]
     shard = next((out / "data").glob(f"{first_run}-*.parquet"), None)
-    label = Features.from_arrow_schema(pq.read_schema(shard))["label"] if shard else None
+    label = _label_feature(shard) if shard else None
     defaults = dataclasses.asdict(FitConfig())
     command = [
         f"timm-splat prefit --dataset {short} --split {first_run}",
