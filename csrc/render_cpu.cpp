@@ -1,9 +1,12 @@
 // CPU kernels of the splat renderer: forward (band-binned, each band of rows adds up the splat
 // rows that cross it) and backward (splat-major, each splat reduces its own gradient).
 //
-// The loops live in render_cpu_kernels.h, compiled here twice: for the baseline instruction set
-// and, on x86-64 with GCC, for AVX2 + FMA; the first call picks the AVX2 build when the CPU has
-// it. Both builds give the same results up to rounding (FMA contracts a * b + c).
+// The loops live in render_cpu_kernels.h, compiled here for the baseline instruction set and, on
+// x86-64 with GCC, for AVX2 + FMA (8 floats a chunk) and AVX-512 (16); the first call picks the
+// widest build the CPU has. The builds give the same results up to rounding (FMA contracts
+// a * b + c; the backward's lane sums are split 8 or 16 ways). 16 lanes pay even where the CPU
+// runs 512-bit operations as two halves (AMD Zen 4: 1.05-1.21x over AVX2 from N=3136 to 400,
+// docs/benchmarks.md 2026-12-07): half the instructions per pixel, and 32 registers.
 //
 // Parallelism comes from ATen's thread pool (OpenMP in the PyTorch builds), so the kernels obey
 // torch.set_num_threads and never oversubscribe the cores torch already uses. at::parallel_for
@@ -51,7 +54,25 @@ namespace avx2 {
 }  // namespace avx2
 #undef TIMM_SPLAT_VEC_BYTES
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512vl")
+#define TIMM_SPLAT_VEC_BYTES 64
+namespace avx512 {
+#include "render_cpu_kernels.h"
+}  // namespace avx512
+#undef TIMM_SPLAT_VEC_BYTES
+#pragma GCC pop_options
 #endif
+
+// libgcc (GCC 8 and later, bug 85100) also checks that the OS saves the AVX-512 registers.
+bool cpu_has_avx512() {
+#ifdef TIMM_SPLAT_CPU_AVX2
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
 
 bool cpu_has_avx2() {
 #ifdef TIMM_SPLAT_CPU_AVX2
@@ -65,6 +86,7 @@ bool cpu_has_avx2() {
 template <typename T>
 void forward(const T* splats, T* out, int64_t batch, int64_t n, int height, int width) {
 #ifdef TIMM_SPLAT_CPU_AVX2
+  if (cpu_has_avx512()) return avx512::forward_kernel(splats, out, batch, n, height, width);
   if (cpu_has_avx2()) return avx2::forward_kernel(splats, out, batch, n, height, width);
 #endif
   baseline::forward_kernel(splats, out, batch, n, height, width);
@@ -74,6 +96,8 @@ template <typename T>
 void backward(const T* splats, const T* grad_image, T* grad, int64_t batch, int64_t n,
               int height, int width) {
 #ifdef TIMM_SPLAT_CPU_AVX2
+  if (cpu_has_avx512())
+    return avx512::backward_kernel(splats, grad_image, grad, batch, n, height, width);
   if (cpu_has_avx2())
     return avx2::backward_kernel(splats, grad_image, grad, batch, n, height, width);
 #endif

@@ -1,6 +1,6 @@
 // The CPU kernels' loops, compiled once per instruction set: render_cpu.cpp includes this file
-// in a namespace per ISA (plain x86-64 / aarch64, and AVX2 + FMA under a target pragma) and picks
-// one at run time. No include guard on purpose; everything here is in that namespace.
+// in a namespace per ISA (plain x86-64 / aarch64, AVX2 + FMA and AVX-512 under target pragmas)
+// and picks one at run time. No include guard on purpose; everything here is in that namespace.
 //
 // Splats are walked row by row over the span of columns their cut-off ellipse covers on that row
 // (SplatRows in splat_math.h), a chunk of kLanes pixels at a time in SIMD registers (GCC / Clang
