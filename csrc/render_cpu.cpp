@@ -64,30 +64,28 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 
-// libgcc (GCC 8 and later, bug 85100) also checks that the OS saves the AVX-512 registers.
-bool cpu_has_avx512() {
-#ifdef TIMM_SPLAT_CPU_AVX2
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  return has;
-#else
-  return false;
-#endif
-}
+enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-bool cpu_has_avx2() {
+// The widest build this CPU runs, found once. libgcc's checks (GCC 8 and later, bug 85100)
+// include that the OS saves the AVX-512 registers.
+Isa cpu_isa() {
+  static const Isa isa = [] {
 #ifdef TIMM_SPLAT_CPU_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
+    return Isa::kBaseline;
+  }();
+  return isa;
 }
 
 template <typename T>
 void forward(const T* splats, T* out, int64_t batch, int64_t n, int height, int width) {
 #ifdef TIMM_SPLAT_CPU_AVX2
-  if (cpu_has_avx512()) return avx512::forward_kernel(splats, out, batch, n, height, width);
-  if (cpu_has_avx2()) return avx2::forward_kernel(splats, out, batch, n, height, width);
+  if (cpu_isa() == Isa::kAvx512)
+    return avx512::forward_kernel(splats, out, batch, n, height, width);
+  if (cpu_isa() == Isa::kAvx2) return avx2::forward_kernel(splats, out, batch, n, height, width);
 #endif
   baseline::forward_kernel(splats, out, batch, n, height, width);
 }
@@ -96,9 +94,9 @@ template <typename T>
 void backward(const T* splats, const T* grad_image, T* grad, int64_t batch, int64_t n,
               int height, int width) {
 #ifdef TIMM_SPLAT_CPU_AVX2
-  if (cpu_has_avx512())
+  if (cpu_isa() == Isa::kAvx512)
     return avx512::backward_kernel(splats, grad_image, grad, batch, n, height, width);
-  if (cpu_has_avx2())
+  if (cpu_isa() == Isa::kAvx2)
     return avx2::backward_kernel(splats, grad_image, grad, batch, n, height, width);
 #endif
   baseline::backward_kernel(splats, grad_image, grad, batch, n, height, width);
