@@ -209,6 +209,35 @@ def test_the_cpu_kernels_run_on_torchs_threads(cpu_library):
     assert b"GOMP_parallel" in cpu_library
 
 
+FIT_IN_A_FORKED_CHILD = """
+import multiprocessing, numpy, torch
+import timm_splat
+torch.set_num_threads(2)
+torch.randn(4_000_000).exp()  # the parent runs torch's OpenMP threads before it forks
+image = numpy.random.RandomState(0).randint(0, 255, (32, 32, 3), dtype=numpy.uint8)
+def child(_):
+    result = timm_splat.fit_splats([image], num_splats=16, iterations=3, progress=False)
+    return torch.get_num_threads(), float(result.psnr[0])
+with multiprocessing.get_context("fork").Pool(1) as pool:
+    threads, psnr = pool.apply_async(child, (0,)).get(timeout=60)
+print(threads, torch.get_num_threads(), psnr > 0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_after_torchs_threads_ran_still_fits():
+    # GNU OpenMP is not fork-safe: without extension's at-fork hook the child's first parallel
+    # region (the fit's) hangs, and the pool's get times out (e.g. datasets.map(num_proc=2)).
+    out = subprocess.run(
+        [sys.executable, "-c", FIT_IN_A_FORKED_CHILD], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    child_threads, parent_threads, fitted = out.stdout.split()
+    if torch.backends.openmp.is_available():
+        assert child_threads == "1"  # the child runs one thread, the parent keeps its own
+    assert (parent_threads, fitted) == ("2", "True")
+
+
 def test_openmp_only_where_the_runtime_is_torchs(monkeypatch):
     # Another compiler's -fopenmp calls its own runtime, which libtorch does not load.
     cpp_extension = extension._import_cpp_extension()

@@ -61,6 +61,19 @@ def cxx_flags() -> list[str]:
     return list(CXX_FLAGS)
 
 
+def _one_thread_after_fork() -> None:
+    """A process forked after torch's OpenMP threads ran hangs in its first parallel region
+    (GNU OpenMP is not fork-safe), so a fit inside ``datasets.map(num_proc=...)`` or a fork
+    ``multiprocessing`` pool never returned. The child runs one thread instead, as torch's
+    DataLoader workers do."""
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork") and torch.backends.openmp.is_available():
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
 def wheel_cuda_archs() -> str:
     """The archs a wheel's CUDA kernels are built for: those the installed torch was built for
     (its wheels: sm_75 to sm_120 for CUDA 13), plus PTX of the newest, so later GPUs JIT it."""
